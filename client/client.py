@@ -1,0 +1,218 @@
+"""``fedphd client``: a data owner. Trains the U-Net locally on its own images and answers
+whichever server it is connected to: an edge aggregator, or the cloud in flat mode.
+
+Only weights leave the process; images never do. The architecture arrives as JSON with every
+instruction, so a client rebuilds whatever model the server sends (e.g. a pruned one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from common import codec
+from common.cli import add_config_args, config_from_args
+from common.config import ConfigError, RunConfig
+from common.data import load_dataset
+from common.diffusion import DiffusionTrainer, endless_batches, make_noise_scheduler
+from common.instructions import ARCH_KEY, LOCAL_STEPS_KEY, LR_KEY, UPLINK_KEY
+from common.models import (
+    architecture_from_json,
+    build_unet,
+    load_ndarrays,
+    model_to_ndarrays,
+    unet_config,
+)
+from common.partition import label_histogram, partition
+from common.runtime import seed_everything, setup_torch
+from common.topology import server_address_of_client
+from common.transport import (
+    Client,
+    Code,
+    FitIns,
+    FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    GetPropertiesIns,
+    GetPropertiesRes,
+    Parameters,
+    Status,
+    connect_client,
+    fit_ins_wire_size,
+    fit_res,
+    ok_status,
+)
+
+log = logging.getLogger("fedphd.client")
+
+
+@dataclass
+class LocalData:
+    """A client's training images and their label histogram (the only statistic it shares)."""
+
+    dataset: Dataset
+    label_hist: list[int]
+
+
+def local_data(cfg: RunConfig, client_id: int, data_dir: str | None = None) -> LocalData:
+    """The client's share: its own folder of images, or partition ``client_id`` of the data set."""
+    arch = unet_config(cfg.model)
+    if data_dir is not None:
+        own = cfg.data.model_copy(update={"dataset": "imagefolder", "root": data_dir})
+        images = load_dataset(own, arch["sample_size"], arch["in_channels"])
+        indices = np.arange(len(images))
+        return LocalData(images, label_histogram(images.labels, indices, images.num_classes))
+    if not 0 <= client_id < cfg.topology.clients:
+        raise ConfigError(
+            f"--client-id {client_id} is outside 0..{cfg.topology.clients - 1} "
+            "(topology.clients); use --data-dir for a client with its own images"
+        )
+    images = load_dataset(cfg.data, arch["sample_size"], arch["in_channels"])
+    indices = partition(images.labels, cfg.topology.clients, cfg.partition)[client_id]
+    hist = label_histogram(images.labels, indices, images.num_classes)
+    return LocalData(Subset(images, indices.tolist()), hist)
+
+
+class DiffusionClient(Client):
+    """A Flower client that trains a DDPM U-Net on local images."""
+
+    def __init__(self, cfg: RunConfig, client_id: int, data: LocalData, device: torch.device):
+        self.cfg = cfg
+        self.client_id = client_id
+        self.data = data
+        self.device = device
+        self.arch_json: str | None = None
+        self.trainer: DiffusionTrainer | None = None
+        self.batches = None
+
+    def _training_config(self):
+        # Each client draws its own noise and batch order: same run seed, distinct streams.
+        return self.cfg.training.model_copy(
+            update={"seed": self.cfg.training.seed + 1000 * (self.client_id + 1)}
+        )
+
+    def _rebuild(self, arch_json: str) -> None:
+        """Build the model the server described; a new architecture gets a fresh optimiser."""
+        model = build_unet(architecture_from_json(arch_json))
+        training = self._training_config()
+        self.trainer = DiffusionTrainer(
+            model, make_noise_scheduler(self.cfg.diffusion), training, self.device
+        )
+        self.batches = endless_batches(
+            self.data.dataset, training.batch_size, training.seed, self.device
+        )
+        self.arch_json = arch_json
+
+    def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
+        return GetPropertiesRes(
+            status=ok_status(),
+            properties={
+                "client_id": self.client_id,
+                "num_examples": len(self.data.dataset),
+                "label_hist": json.dumps(self.data.label_hist),
+            },
+        )
+
+    def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
+        arrays = [] if self.trainer is None else model_to_ndarrays(self.trainer.model)
+        return GetParametersRes(status=ok_status(), parameters=codec.encode(arrays, "fp32"))
+
+    def fit(self, ins: FitIns) -> FitRes:
+        try:
+            return self._fit(ins)
+        except Exception as error:  # noqa: BLE001 - report to the server instead of dying
+            log.exception("client %d: fit failed", self.client_id)
+            # Flower's legacy protocol has no generic error code; the message says what failed.
+            return FitRes(
+                status=Status(code=Code.FIT_NOT_IMPLEMENTED, message=f"fit failed: {error}"),
+                parameters=Parameters(tensors=[], tensor_type=codec.FP32),
+                num_examples=0,
+                metrics={"client_id": self.client_id},
+            )
+
+    def _fit(self, ins: FitIns) -> FitRes:
+        received = fit_ins_wire_size(ins)
+        if ARCH_KEY not in ins.config:
+            raise ValueError(f"instruction without {ARCH_KEY!r}: not a FedPhD server?")
+        arch_json = str(ins.config[ARCH_KEY])
+        if arch_json != self.arch_json:
+            self._rebuild(arch_json)
+        trainer = self.trainer
+        load_ndarrays(trainer.model, codec.decode(ins.parameters))
+        lr = float(ins.config.get(LR_KEY, self.cfg.training.lr))
+        trainer.lr_schedule.base_lrs = [lr for _ in trainer.lr_schedule.base_lrs]
+        steps = int(ins.config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))
+        start = time.perf_counter()
+        losses = trainer.train(self.batches, steps)
+        seconds = time.perf_counter() - start
+        uplink = str(ins.config.get(UPLINK_KEY, "fp32"))
+        out = codec.encode(model_to_ndarrays(trainer.model), uplink)
+        log.info(
+            "client %d: %d steps in %.1f s, loss %.4f", self.client_id, steps, seconds,
+            float(np.mean(losses)),
+        )
+        return fit_res(
+            out,
+            len(self.data.dataset),
+            {
+                "client_id": self.client_id,
+                "loss": float(np.mean(losses)),
+                "label_hist": json.dumps(self.data.label_hist),
+                "bytes_received": received,
+                "payload_bytes": codec.payload_bytes(out),
+                "train_seconds": seconds,
+                "steps": steps,
+            },
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    seed_everything(cfg.seed + args.client_id)
+    device = setup_torch(cfg.training, args.device)
+    data = local_data(cfg, args.client_id, args.data_dir)
+    address = args.server or server_address_of_client(args.client_id, cfg.topology)
+    log.info(
+        "client %d: %d images, labels %s, connecting to %s",
+        args.client_id, len(data.dataset), data.label_hist, address,
+    )
+    client = DiffusionClient(cfg, args.client_id, data, device)
+    connect_client(address, client, max_wait_time=cfg.topology.connect_timeout)
+    log.info("client %d: disconnected by the server, exiting", args.client_id)
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "client",
+        help="run a data owner: train locally, answer an edge (or the cloud in flat mode)",
+        description="Connect to an edge aggregator (or the cloud when topology.edges = 0), "
+        "train the U-Net it sends on local images and send back the weights.",
+    )
+    add_config_args(parser)
+    parser.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="address of the edge (or cloud) to join (default: from the config's topology)",
+    )
+    parser.add_argument(
+        "--client-id",
+        type=int,
+        required=True,
+        metavar="ID",
+        help="this client's id; picks its partition of the data set (0..topology.clients-1)",
+    )
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: training.device)")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="train on this folder of images instead (one sub-folder per class, ImageFolder)",
+    )
+    parser.set_defaults(run=run)

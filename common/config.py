@@ -1,0 +1,249 @@
+"""One run's configuration: pydantic models loaded from a TOML file plus ``--set`` overrides.
+
+Every role (cloud, edge, client, launcher) reads the same file, so a deployment is described
+once. Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_NAME = "default.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (field, value, what is allowed)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which U-Net to build; any field set here overrides the preset's value."""
+
+    preset: Literal["tiny", "ddpm-cifar10", "celeba64"] = "tiny"
+    sample_size: int | None = Field(None, ge=4, description="image side in pixels")
+    in_channels: int | None = Field(None, ge=1, le=4)
+    block_out_channels: list[int] | None = None
+    layers_per_block: int | None = Field(None, ge=1, le=4)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+
+
+class DiffusionConfig(_Section):
+    """DDPM noise schedule for training and DDIM settings for sampling."""
+
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    sampling_steps: int = Field(100, ge=1, description="DDIM steps")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
+
+    @model_validator(mode="after")
+    def _betas_increase(self) -> DiffusionConfig:
+        if self.beta_end <= self.beta_start:
+            raise ValueError(
+                f"beta_end ({self.beta_end}) must be larger than beta_start ({self.beta_start})"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    """Where images come from; they are resized to ``model.sample_size``."""
+
+    dataset: Literal["digits", "mnist", "fashionmnist", "cifar10", "celeba", "imagefolder"] = (
+        "digits"
+    )
+    root: str = Field("data", description="folder that holds the data set files")
+    download: bool = Field(False, description="let torchvision download the data set")
+
+
+class PartitionConfig(_Section):
+    """How the training set is split over clients (deterministic in ``seed``)."""
+
+    method: Literal["iid", "dirichlet", "quantity", "classes"] = "iid"
+    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration")
+    classes_per_client: int = Field(2, ge=1)
+    pairs: list[list[int]] | None = Field(
+        None, description="fixed class groups for method=classes, e.g. FedPhD's [[0,5],[1,6],...]"
+    )
+    min_samples: int = Field(2, ge=1, description="smallest partition dirichlet/quantity allow")
+    seed: int = 0
+
+
+class TrainingConfig(_Section):
+    """Local DDPM training on each client (and centrally for ``fedphd train``)."""
+
+    lr: float = Field(2e-4, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    local_steps: int = Field(20, ge=1, description="optimiser steps per client per round")
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    threads: int = Field(1, ge=0, description="torch CPU threads per process (0 = torch default)")
+    seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value == "cpu" or value == "cuda" or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        ):
+            return value
+        raise ValueError("must be 'cpu', 'cuda' or 'cuda:N'")
+
+
+class TopologyConfig(_Section):
+    """Who talks to whom: 1 cloud, ``edges`` edge aggregators (0 = flat), ``clients`` clients."""
+
+    edges: int = Field(2, ge=0, description="0 = flat mode, clients talk to the cloud")
+    clients: int = Field(4, ge=1)
+    cloud_rounds: int = Field(2, ge=1)
+    edge_rounds: int = Field(2, ge=1, description="edge aggregations per cloud round")
+    fraction_fit: float = Field(1.0, gt=0.0, le=1.0, description="share of clients per round")
+    min_fit_clients: int = Field(1, ge=1)
+    cloud_strategy: str = Field("flwr.server.strategy.FedAvg", description="dotted class path")
+    edge_strategy: str = Field("flwr.server.strategy.FedAvg", description="dotted class path")
+    cloud_strategy_args: dict[str, Any] = Field(default_factory=dict)
+    edge_strategy_args: dict[str, Any] = Field(default_factory=dict)
+    host: str = Field("127.0.0.1", description="address the launcher binds and connects to")
+    cloud_port: int = Field(9090, ge=1, le=65535)
+    edge_base_port: int = Field(9100, ge=1, le=65535, description="edge i listens on base + i")
+    round_timeout: float = Field(600.0, gt=0.0, description="seconds a server waits for answers")
+    connect_timeout: float = Field(120.0, gt=0.0, description="seconds to wait for peers")
+
+    @field_validator("cloud_strategy", "edge_strategy")
+    @classmethod
+    def _dotted(cls, value: str) -> str:
+        if "." not in value or value.startswith(".") or value.endswith("."):
+            raise ValueError("must be a dotted path such as 'flwr.server.strategy.FedAvg'")
+        return value
+
+
+class PruningConfig(_Section):
+    """Structured pruning of the U-Net at the cloud (FedPhD)."""
+
+    enabled: bool = False
+    ratio: float = Field(0.2, ge=0.0, lt=1.0)
+    sparse_rounds: int = Field(0, ge=0)
+
+
+class CodecConfig(_Section):
+    """How model tensors are encoded on each direction of every link."""
+
+    downlink: Literal["fp32", "fp16"] = "fp32"
+    uplink: Literal["fp32", "fp16"] = "fp32"
+
+
+class EvaluationConfig(_Section):
+    """Sample quality checks during and after training."""
+
+    every_cloud_rounds: int = Field(0, ge=0, description="0 = only at the end")
+    num_samples: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class OutputConfig(_Section):
+    """What a run leaves on disk."""
+
+    dir: str = "runs/latest"
+    grid_samples: int = Field(64, ge=1, description="images in samples.png")
+    progress: bool = Field(True, description="progress bars on a terminal")
+
+
+class RunConfig(_Section):
+    """Everything one run needs; each section is a table of the TOML file."""
+
+    name: str = "fedphd"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    codec: CodecConfig = Field(default_factory=CodecConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see the shipped configs)"
+        elif item["type"] == "literal_error":
+            allowed = item.get("ctx", {}).get("expected", "")
+            message = f"not one of the allowed values {allowed}"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {field}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _parse_override_value(text: str) -> Any:
+    """Read a ``--set`` value as TOML (numbers, booleans, lists, quoted strings), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config dict (in place, also returned)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_override_value(raw.strip())
+    return data
+
+
+def default_config_path() -> Path:
+    """The offline default shipped inside the package (digits, tiny U-Net, 2 edges, 4 clients)."""
+    return Path(str(resources.files("common") / "configs" / DEFAULT_CONFIG_NAME))
+
+
+def config_from_dict(data: dict[str, Any], source: str = "configuration") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run configuration from TOML (the packaged default when ``path`` is None)."""
+    path = Path(path) if path is not None else default_config_path()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data, source=str(path))
+
+
+def config_from_json(text: str) -> RunConfig:
+    """Rebuild a config that travelled as JSON (e.g. inside a Flower instruction)."""
+    return config_from_dict(json.loads(text), source="received configuration")

@@ -1,0 +1,42 @@
+"""The keys a server puts in ``FitIns.config`` and a client or edge puts in ``FitRes.metrics``.
+
+Flower config values are scalars, so structured values (architecture, histograms, logs)
+travel as JSON strings.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from common.config import RunConfig
+from common.strategy import ARCH_KEY, ROUND_KEY, UPLINK_KEY
+
+LOCAL_STEPS_KEY = "fedphd.local_steps"
+LR_KEY = "fedphd.lr"
+EDGE_ROUNDS_KEY = "fedphd.edge_rounds"
+
+__all__ = [
+    "ARCH_KEY",
+    "EDGE_ROUNDS_KEY",
+    "LOCAL_STEPS_KEY",
+    "LR_KEY",
+    "ROUND_KEY",
+    "UPLINK_KEY",
+    "client_instruction",
+    "from_json_metric",
+]
+
+
+def client_instruction(cfg: RunConfig, arch_json: str) -> dict[str, Any]:
+    """What every client needs besides the weights: the architecture and local training."""
+    return {
+        ARCH_KEY: arch_json,
+        LOCAL_STEPS_KEY: cfg.training.local_steps,
+        LR_KEY: cfg.training.lr,
+    }
+
+
+def from_json_metric(metrics: dict[str, Any], key: str, default: Any) -> Any:
+    value = metrics.get(key)
+    return default if value is None else json.loads(str(value))

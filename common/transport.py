@@ -1,0 +1,248 @@
+"""The one module that imports Flower's transport: gRPC server, gRPC client, message types.
+
+A later Flower migration (e.g. to SuperLink/SuperNode once it has an edge tier) touches this
+file only. Everything here is Flower's own machinery; the project adds two things:
+
+* traffic metering — every ``ServerMessage`` sent and ``ClientMessage`` received on a server's
+  bidirectional stream is measured with protobuf's ``ByteSize()``, the exact length of the
+  serialised message that gRPC puts on the wire (its 5-byte frame header and HTTP/2 headers
+  aside), per connected peer;
+* a bounded wait for peers, so no server blocks for a day on a client that never comes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from flwr.common import (
+    Code,
+    FitIns,
+    FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    GetPropertiesIns,
+    GetPropertiesRes,
+    Parameters,
+    ReconnectIns,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+    serde,
+)
+from flwr.compat.client.app import start_client
+from flwr.proto.transport_pb2 import ServerMessage  # pylint: disable=no-name-in-module
+from flwr.server import Server, SimpleClientManager
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.server import reconnect_clients
+from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
+from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge, InsWrapper, ResWrapper
+from flwr.supercore.grpc import generic_create_grpc_server
+
+try:  # the generated service module moved between Flower releases
+    from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
+except ImportError:  # pragma: no cover
+    from flwr.proto import transport_pb2_grpc
+
+    add_FlowerServiceServicer_to_server = transport_pb2_grpc.add_FlowerServiceServicer_to_server
+
+from flwr.compat.client.client import Client  # noqa: E402
+
+__all__ = [
+    "Client",
+    "ClientManager",
+    "ClientProxy",
+    "Code",
+    "FitIns",
+    "FitRes",
+    "GetParametersIns",
+    "GetParametersRes",
+    "GetPropertiesIns",
+    "GetPropertiesRes",
+    "Parameters",
+    "Scalar",
+    "Server",
+    "SimpleClientManager",
+    "Status",
+    "Traffic",
+    "TrafficMeter",
+    "connect_client",
+    "disconnect_all",
+    "fit_ins_wire_size",
+    "fit_res",
+    "new_server",
+    "ok_status",
+    "ndarrays_to_parameters",
+    "parameters_to_ndarrays",
+    "start_flower_server",
+    "wait_for_clients",
+]
+
+GRPC_MAX_MESSAGE_LENGTH = 2_147_483_647
+MAX_RETRY_DELAY = 3.0
+# A refused connection fails within milliseconds; an attempt that lasted longer had a session.
+SESSION_SECONDS = 2.0
+
+
+@dataclass
+class Traffic:
+    """Bytes of serialised messages: ``down`` = server to client, ``up`` = client to server."""
+
+    down: int = 0
+    up: int = 0
+    messages: int = 0
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(self.down + other.down, self.up + other.up, self.messages + other.messages)
+
+
+@dataclass
+class TrafficMeter:
+    """Thread-safe byte counters of one server's links, read round by round with :meth:`take`."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _since_take: Traffic = field(default_factory=Traffic)
+    _total: Traffic = field(default_factory=Traffic)
+
+    def record(self, down: int = 0, up: int = 0) -> None:
+        with self._lock:
+            delta = Traffic(down, up, 1)
+            self._since_take += delta
+            self._total += delta
+
+    def take(self) -> Traffic:
+        """Traffic since the previous call (the round that just ended), and reset it."""
+        with self._lock:
+            taken, self._since_take = self._since_take, Traffic()
+            return taken
+
+    @property
+    def total(self) -> Traffic:
+        with self._lock:
+            return Traffic(self._total.down, self._total.up, self._total.messages)
+
+
+class _MeteredBridge(GrpcBridge):
+    """Flower's per-client bridge, measuring each instruction and each answer."""
+
+    def __init__(self, meter: TrafficMeter) -> None:
+        super().__init__()
+        self._meter = meter
+
+    def request(self, ins_wrapper: InsWrapper) -> ResWrapper:
+        # Counted before the answer: the instruction was put on the stream even if the
+        # client dies before it replies.
+        self._meter.record(down=ins_wrapper.server_message.ByteSize())
+        res_wrapper = super().request(ins_wrapper)
+        self._meter.record(up=res_wrapper.client_message.ByteSize())
+        return res_wrapper
+
+
+def fit_ins_wire_size(ins: FitIns) -> int:
+    """Size of the serialised ``ServerMessage`` that carried ``ins`` (what the server metered)."""
+    return ServerMessage(fit_ins=serde.fit_ins_to_proto(ins)).ByteSize()
+
+
+def start_flower_server(
+    address: str,
+    client_manager: ClientManager,
+    meter: TrafficMeter,
+    max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
+    certificates: tuple[bytes, bytes, bytes] | None = None,
+) -> grpc.Server:
+    """Start Flower's gRPC bidirectional-stream server with metered bridges (non-blocking).
+
+    This is ``flwr.server.superlink.fleet.grpc_bidi.start_grpc_server`` with one change: the
+    servicer builds metered bridges.
+    """
+    servicer = FlowerServiceServicer(
+        client_manager, grpc_bridge_factory=lambda: _MeteredBridge(meter)
+    )
+    server = generic_create_grpc_server(
+        servicer_and_add_fn=(servicer, add_FlowerServiceServicer_to_server),
+        server_address=address,
+        max_message_length=max_message_length,
+        certificates=certificates,
+    )
+    server.start()
+    return server
+
+
+def new_server(strategy, client_manager: ClientManager | None = None) -> Server:
+    """A Flower ``Server`` over a ``SimpleClientManager`` (the driver calls ``fit_round``)."""
+    # Not `client_manager or ...`: a manager with no clients yet has len() 0 and is falsy.
+    if client_manager is None:
+        client_manager = SimpleClientManager()
+    return Server(client_manager=client_manager, strategy=strategy)
+
+
+def wait_for_clients(client_manager: ClientManager, count: int, timeout: float) -> bool:
+    """Wait until ``count`` clients are connected, at most ``timeout`` seconds."""
+    return client_manager.wait_for(count, timeout=max(1, int(timeout)))
+
+
+def connect_client(
+    address: str,
+    client: Client,
+    max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
+    root_certificates: bytes | None = None,
+    max_wait_time: float = 120.0,
+) -> None:
+    """Connect ``client`` to a Flower gRPC server and serve it until told to disconnect.
+
+    Flower's bidirectional-stream client does not retry a server that is not up yet (the
+    refusal surfaces at the first read), so the retry lives here: an unreachable server is
+    tried again with exponential back-off for up to ``max_wait_time`` seconds; a session
+    that ran (the server went away later) restarts that clock, so a client rejoins a
+    server that comes back.
+    """
+    deadline = time.monotonic() + max_wait_time
+    delay = 0.2
+    while True:
+        attempt = time.monotonic()
+        try:
+            start_client(
+                server_address=address,
+                client=client,
+                grpc_max_message_length=max_message_length,
+                root_certificates=root_certificates,
+                insecure=root_certificates is None,
+                transport="grpc-bidi",
+            )
+            return
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            now = time.monotonic()
+            if now - attempt > SESSION_SECONDS:
+                deadline, delay = now + max_wait_time, 0.2
+            if now + delay > deadline:
+                raise ConnectionError(
+                    f"cannot reach the Flower server at {address} "
+                    f"(gave up after {max_wait_time:.0f} s): {error.details()}"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY)
+
+
+def ok_status() -> Status:
+    return Status(code=Code.OK, message="ok")
+
+
+def fit_res(parameters: Parameters, num_examples: int, metrics: dict[str, Scalar]) -> FitRes:
+    return FitRes(status=ok_status(), parameters=parameters, num_examples=num_examples,
+                  metrics=metrics)
+
+
+def disconnect_all(client_manager: ClientManager, timeout: float = 10.0) -> None:
+    """Tell every connected client to disconnect for good (they exit their connect loop)."""
+    proxies = list(client_manager.all().values())
+    reconnect_clients(
+        client_instructions=[(proxy, ReconnectIns(seconds=None)) for proxy in proxies],
+        max_workers=None,
+        timeout=timeout,
+    )

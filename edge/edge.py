@@ -1,0 +1,209 @@
+"""``fedphd edge``: an edge aggregator.
+
+One process that is a Flower *client* of the cloud and a Flower *server* of its own clients.
+Its client-facing gRPC server starts once; on each cloud instruction the edge loads the global
+model, drives ``edge_rounds`` rounds of its own strategy over its clients
+(``Server.fit_round``), and answers the cloud with the edge model plus what the cloud needs
+to weigh it: samples of its latest round, the label histogram of the cloud period, the
+per-round log and the bytes its client link carried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+from common import codec
+from common.cli import add_config_args, config_from_args
+from common.config import RunConfig
+from common.instructions import (
+    ARCH_KEY,
+    EDGE_ROUNDS_KEY,
+    ROUND_KEY,
+    UPLINK_KEY,
+    client_instruction,
+)
+from common.rounds import run_fit_round
+from common.runtime import seed_everything
+from common.strategy import (
+    ManagedStrategy,
+    add_histograms,
+    build_strategy,
+    client_strategy_defaults,
+)
+from common.topology import clients_of_edge, cloud_address, edge_address
+from common.transport import (
+    Client,
+    Code,
+    FitIns,
+    FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    Parameters,
+    SimpleClientManager,
+    Status,
+    TrafficMeter,
+    connect_client,
+    disconnect_all,
+    fit_res,
+    ndarrays_to_parameters,
+    new_server,
+    ok_status,
+    start_flower_server,
+    wait_for_clients,
+)
+
+log = logging.getLogger("fedphd.edge")
+
+
+class EdgeAggregator(Client):
+    """Flower client of the cloud whose ``fit`` runs federated rounds over its own clients."""
+
+    def __init__(self, cfg: RunConfig, edge_id: int, listen: str) -> None:
+        self.cfg = cfg
+        self.edge_id = edge_id
+        self.listen = listen
+        self.meter = TrafficMeter()
+        self.client_manager = SimpleClientManager()
+        self.expected_clients = len(clients_of_edge(edge_id, cfg.topology))
+        self.grpc_server = start_flower_server(listen, self.client_manager, self.meter)
+        self.edge_round = 0
+        log.info(
+            "edge %d: serving clients on %s (expecting %d)", edge_id, listen, self.expected_clients
+        )
+
+    def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
+        return GetParametersRes(status=ok_status(), parameters=codec.encode([], "fp32"))
+
+    def fit(self, ins: FitIns) -> FitRes:
+        try:
+            return self._fit(ins)
+        except Exception as error:  # noqa: BLE001 - the cloud records it and goes on
+            log.exception("edge %d: cloud round failed", self.edge_id)
+            return FitRes(
+                status=Status(code=Code.FIT_NOT_IMPLEMENTED, message=f"edge failed: {error}"),
+                parameters=Parameters(tensors=[], tensor_type=codec.FP32),
+                num_examples=0,
+                metrics={"edge_id": self.edge_id},
+            )
+
+    def _edge_strategy(self, global_parameters: Parameters, arch_json: str) -> ManagedStrategy:
+        # A fresh strategy per cloud round: after a cloud aggregation every edge restarts from
+        # the global model, including any server-side optimiser state of its strategy.
+        topology = self.cfg.topology
+        inner = build_strategy(
+            topology.edge_strategy,
+            topology.edge_strategy_args,
+            client_strategy_defaults(
+                topology.fraction_fit, topology.min_fit_clients, global_parameters
+            ),
+            "topology.edge_strategy",
+        )
+        return ManagedStrategy(
+            inner,
+            client_instruction(self.cfg, arch_json),
+            downlink=self.cfg.codec.downlink,
+            uplink=self.cfg.codec.uplink,
+        )
+
+    def _fit(self, ins: FitIns) -> FitRes:
+        cloud_round = int(ins.config[ROUND_KEY])
+        edge_rounds = int(ins.config.get(EDGE_ROUNDS_KEY, self.cfg.topology.edge_rounds))
+        global_parameters = ndarrays_to_parameters(codec.decode(ins.parameters))
+        strategy = self._edge_strategy(global_parameters, str(ins.config[ARCH_KEY]))
+        server = new_server(strategy, self.client_manager)
+        server.parameters = global_parameters
+        needed = min(self.expected_clients, self.cfg.topology.min_fit_clients)
+        if not wait_for_clients(self.client_manager, needed, self.cfg.topology.connect_timeout):
+            raise RuntimeError(
+                f"only {self.client_manager.num_available()} of {needed} clients connected "
+                f"within topology.connect_timeout = {self.cfg.topology.connect_timeout} s"
+            )
+        records, hist, last = [], [], None
+        for _ in range(edge_rounds):
+            self.edge_round += 1
+            outcome = run_fit_round(
+                server, strategy, self.meter, self.edge_round, self.cfg.topology.round_timeout
+            )
+            summary = outcome.summary
+            records.append(
+                {
+                    "tier": "edge",
+                    "edge": self.edge_id,
+                    "cloud_round": cloud_round,
+                    "round": self.edge_round,
+                    "loss": summary.loss,
+                    "num_examples": summary.num_examples,
+                    "clients": summary.senders,
+                    "failures": summary.failures,
+                    "rejected": summary.rejected,
+                    "seconds": round(outcome.seconds, 3),
+                    "bytes": {
+                        "edge->client": outcome.traffic.down,
+                        "client->edge": outcome.traffic.up,
+                    },
+                }
+            )
+            hist = add_histograms(hist, summary.label_hist)
+            if outcome.updated:
+                last = summary
+        if last is None:
+            raise RuntimeError(f"none of the {edge_rounds} edge rounds produced an aggregate")
+        log.info("edge %d: cloud round %d done, loss %s", self.edge_id, cloud_round, last.loss)
+        arrays = codec.decode(server.parameters)
+        return fit_res(
+            codec.encode(arrays, str(ins.config.get(UPLINK_KEY, "fp32"))),
+            # n_e: samples of the edge's latest round (FedPhD's cloud weighting uses it).
+            last.num_examples,
+            {
+                "edge_id": self.edge_id,
+                "loss": last.loss if last.loss is not None else float("nan"),
+                "label_hist": json.dumps(hist),
+                "edge_log": json.dumps(records),
+                "bytes_down": sum(r["bytes"]["edge->client"] for r in records),
+                "bytes_up": sum(r["bytes"]["client->edge"] for r in records),
+            },
+        )
+
+    def shutdown(self) -> None:
+        disconnect_all(self.client_manager)
+        self.grpc_server.stop(grace=2).wait(5)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    seed_everything(cfg.seed + 100 + args.edge_id)
+    listen = args.listen or edge_address(args.edge_id, cfg.topology)
+    cloud = args.cloud or cloud_address(cfg.topology)
+    edge = EdgeAggregator(cfg, args.edge_id, listen)
+    try:
+        log.info("edge %d: joining the cloud at %s", args.edge_id, cloud)
+        start = time.monotonic()
+        connect_client(cloud, edge, max_wait_time=cfg.topology.connect_timeout)
+        seconds = time.monotonic() - start
+        log.info("edge %d: released by the cloud after %.0f s", args.edge_id, seconds)
+    finally:
+        edge.shutdown()
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "edge",
+        help="run an edge aggregator (client of the cloud, server of its clients)",
+        description="Serve clients on --listen, join the cloud at --cloud, and on each cloud "
+        "instruction run topology.edge_rounds rounds of topology.edge_strategy.",
+    )
+    add_config_args(parser)
+    parser.add_argument(
+        "--cloud", metavar="HOST:PORT", help="cloud address (default: from topology)"
+    )
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to serve clients on (default: topology.host:edge_base_port+ID)",
+    )
+    parser.add_argument("--edge-id", type=int, required=True, metavar="ID", help="edge number")
+    parser.set_defaults(run=run)

@@ -1,0 +1,225 @@
+"""``fedphd cloud``: the cloud server that holds the global model.
+
+A Flower gRPC server whose peers are the edge aggregators (or the clients themselves in flat
+mode, ``topology.edges = 0``). It builds the initial model, drives ``cloud_rounds`` rounds of
+``topology.cloud_strategy`` through Flower's ``Server.fit_round``, writes one JSON line per
+round (and per edge round) to ``metrics.jsonl``, and leaves the final model in diffusers
+format with a PNG grid of samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from common import codec
+from common.cli import add_config_args, config_from_args
+from common.config import RunConfig
+from common.diffusion import sample_images, save_model
+from common.images import save_grid
+from common.instructions import EDGE_ROUNDS_KEY, client_instruction
+from common.models import (
+    architecture_of,
+    architecture_to_json,
+    build_unet,
+    count_parameters,
+    load_ndarrays,
+    model_to_ndarrays,
+    unet_config,
+)
+from common.rounds import RoundOutcome, run_fit_round
+from common.runtime import progress_bar, seed_everything, setup_torch
+from common.strategy import ARCH_KEY, ManagedStrategy, build_strategy, client_strategy_defaults
+from common.topology import cloud_address, is_flat
+from common.transport import (
+    SimpleClientManager,
+    TrafficMeter,
+    disconnect_all,
+    ndarrays_to_parameters,
+    new_server,
+    start_flower_server,
+    wait_for_clients,
+)
+
+log = logging.getLogger("fedphd.cloud")
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Append-only JSON lines, flushed per line so a watcher (the launcher) sees progress."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def round_bytes(outcome: RoundOutcome, flat: bool) -> dict[str, int]:
+    """Bytes per link and direction in one cloud round, as measured by each link's server."""
+    if flat:
+        return {"cloud->client": outcome.traffic.down, "client->cloud": outcome.traffic.up}
+    return {
+        "cloud->edge": outcome.traffic.down,
+        "edge->cloud": outcome.traffic.up,
+        "edge->client": sum(int(m.get("bytes_down", 0)) for m in outcome.summary.metrics),
+        "client->edge": sum(int(m.get("bytes_up", 0)) for m in outcome.summary.metrics),
+    }
+
+
+class CloudServer:
+    """Holds the global model and drives the cloud rounds."""
+
+    def __init__(self, cfg: RunConfig, listen: str, out: Path) -> None:
+        self.cfg = cfg
+        self.listen = listen
+        self.out = out
+        self.flat = is_flat(cfg.topology)
+        self.expected_peers = cfg.topology.clients if self.flat else cfg.topology.edges
+
+    def _strategy(self, arch_json: str, initial) -> ManagedStrategy:
+        topology = self.cfg.topology
+        if self.flat:
+            defaults = client_strategy_defaults(
+                topology.fraction_fit, topology.min_fit_clients, initial
+            )
+            instruction = client_instruction(self.cfg, arch_json)
+        else:
+            # Every edge takes part in every cloud round.
+            defaults = client_strategy_defaults(1.0, topology.edges, initial)
+            instruction = {ARCH_KEY: arch_json, EDGE_ROUNDS_KEY: topology.edge_rounds}
+        inner = build_strategy(
+            topology.cloud_strategy, topology.cloud_strategy_args, defaults,
+            "topology.cloud_strategy",
+        )
+        return ManagedStrategy(
+            inner, instruction, downlink=self.cfg.codec.downlink, uplink=self.cfg.codec.uplink
+        )
+
+    def run(self) -> int:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        device = setup_torch(cfg.training)
+        model = build_unet(unet_config(cfg.model), seed=cfg.seed)
+        arch_json = architecture_to_json(architecture_of(model))
+        initial = ndarrays_to_parameters(model_to_ndarrays(model))
+        strategy = self._strategy(arch_json, initial)
+        meter, client_manager = TrafficMeter(), SimpleClientManager()
+        grpc_server = start_flower_server(self.listen, client_manager, meter)
+        server = new_server(strategy, client_manager)
+        server.parameters = initial
+        peers = "clients" if self.flat else "edges"
+        log.info(
+            "cloud: %d-parameter U-Net, %s on %s, waiting for %d %s",
+            count_parameters(model), strategy.inner.__class__.__name__, self.listen,
+            self.expected_peers, peers,
+        )
+        metrics = MetricsLog(self.out / METRICS_FILE)
+        try:
+            if not wait_for_clients(
+                client_manager, self.expected_peers, cfg.topology.connect_timeout
+            ):
+                log.error(
+                    "cloud: only %d of %d %s connected within topology.connect_timeout = %s s",
+                    client_manager.num_available(), self.expected_peers, peers,
+                    cfg.topology.connect_timeout,
+                )
+                return 1
+            self._train(server, strategy, meter, metrics)
+            load_ndarrays(model, codec.decode(server.parameters))
+            self._finish(model.to(device), meter)
+        finally:
+            metrics.close()
+            disconnect_all(client_manager)
+            grpc_server.stop(grace=2).wait(5)
+        return 0
+
+    def _train(self, server, strategy: ManagedStrategy, meter: TrafficMeter, metrics: MetricsLog):
+        cumulative: dict[str, int] = {}
+        rounds = self.cfg.topology.cloud_rounds
+        bar = progress_bar(rounds, "cloud rounds", self.cfg.output.progress)
+        for server_round in range(1, rounds + 1):
+            outcome = run_fit_round(
+                server, strategy, meter, server_round, self.cfg.topology.round_timeout
+            )
+            for edge_metrics in outcome.summary.metrics:
+                for record in json.loads(str(edge_metrics.get("edge_log", "[]"))):
+                    metrics.write(record)
+            per_link = round_bytes(outcome, self.flat)
+            for link, count in per_link.items():
+                cumulative[link] = cumulative.get(link, 0) + count
+            record = {
+                "tier": "cloud",
+                "round": server_round,
+                "loss": outcome.summary.loss,
+                "num_examples": outcome.summary.num_examples,
+                "participants": outcome.summary.senders,
+                "failures": outcome.summary.failures,
+                "rejected": outcome.summary.rejected,
+                "model_updated": outcome.updated,
+                "seconds": round(outcome.seconds, 3),
+                "bytes": per_link,
+                "bytes_cumulative": dict(cumulative),
+            }
+            metrics.write(record)
+            log.info("cloud round %d: loss %s, bytes %s", server_round, record["loss"], per_link)
+            bar.update(1)
+            bar.set_postfix(loss=f"{outcome.summary.loss or float('nan'):.4f}")
+        bar.close()
+
+    def _finish(self, model, meter: TrafficMeter) -> None:
+        cfg = self.cfg
+        save_model(model, cfg.diffusion, self.out / "model")
+        start = time.perf_counter()
+        images = sample_images(
+            model, cfg.diffusion, cfg.output.grid_samples, seed=cfg.seed,
+            batch_size=cfg.evaluation.batch_size, show_progress=cfg.output.progress,
+        )
+        save_grid(images, self.out / "samples.png")
+        summary = {
+            "name": cfg.name,
+            "mode": "flat" if self.flat else "hierarchical",
+            "cloud_rounds": cfg.topology.cloud_rounds,
+            "parameters": count_parameters(model),
+            "bytes_total_cloud_link": {"down": meter.total.down, "up": meter.total.up},
+            "sampling_seconds": round(time.perf_counter() - start, 2),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("cloud: model saved to %s, samples in %s", self.out / "model",
+                 self.out / "samples.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    out = Path(args.out or cfg.output.dir)
+    listen = args.listen or cloud_address(cfg.topology)
+    return CloudServer(cfg, listen, out).run()
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "cloud",
+        help="run the cloud server that holds the global model",
+        description="Serve edges (or clients in flat mode) on --listen, run "
+        "topology.cloud_rounds rounds of topology.cloud_strategy, write metrics.jsonl, "
+        "the final model (diffusers format) and samples.png into --out.",
+    )
+    add_config_args(parser)
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to serve on (default: topology.host:topology.cloud_port)",
+    )
+    parser.add_argument("--out", metavar="DIR", help="run folder (default: output.dir)")
+    parser.set_defaults(run=run)
