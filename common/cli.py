@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from common.data import DatasetNotFoundError  # heavy (torch): only once a command runs
+
     try:
         return int(args.run(args) or 0)
-    except ConfigError as error:
+    except (ConfigError, DatasetNotFoundError) as error:
         print(f"fedphd {args.command}: {error}", file=sys.stderr)
         return 2
     except ConnectionError as error:

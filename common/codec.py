@@ -42,7 +42,7 @@ def decode(parameters: Parameters) -> list[np.ndarray]:
         )
     try:
         arrays = parameters_to_ndarrays(parameters)
-    except ValueError as error:  # np.load refuses pickled objects and truncated data
+    except (ValueError, EOFError, OSError) as error:  # np.load: pickled objects, truncation
         raise CodecError(f"malformed tensor payload: {error}") from None
     return [a.astype(np.float32) if a.dtype == np.float16 else a for a in arrays]
 

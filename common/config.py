@@ -28,21 +28,27 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which U-Net to build; any field set here overrides the preset's value."""
 
-    preset: Literal["tiny", "ddpm-cifar10", "celeba64"] = "tiny"
+    preset: Literal["tiny", "ddpm-cifar10", "celeba64"] = Field(
+        "tiny", description="tiny: 16x16 grey 1.1 M; ddpm-cifar10: 35.75 M; celeba64: 64x64"
+    )
     sample_size: int | None = Field(None, ge=4, description="image side in pixels")
-    in_channels: int | None = Field(None, ge=1, le=4)
-    block_out_channels: list[int] | None = None
-    layers_per_block: int | None = Field(None, ge=1, le=4)
-    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    in_channels: int | None = Field(None, ge=1, le=4, description="1 = grey, 3 = RGB")
+    block_out_channels: list[int] | None = Field(
+        None, description="channels per U-Net level (as many as the preset has levels)"
+    )
+    layers_per_block: int | None = Field(None, ge=1, le=4, description="ResNet layers per block")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout in ResNet blocks")
 
 
 class DiffusionConfig(_Section):
     """DDPM noise schedule for training and DDIM settings for sampling."""
 
-    num_train_timesteps: int = Field(1000, ge=10)
-    beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
-    beta_end: float = Field(0.02, gt=0.0, lt=1.0)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    num_train_timesteps: int = Field(1000, ge=10, description="DDPM steps T")
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0, description="first noise variance")
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="last noise variance")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
+        "linear", description="diffusers beta schedule"
+    )
     sampling_steps: int = Field(100, ge=1, description="DDIM steps")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
 
@@ -59,7 +65,7 @@ class DataConfig(_Section):
     """Where images come from; they are resized to ``model.sample_size``."""
 
     dataset: Literal["digits", "mnist", "fashionmnist", "cifar10", "celeba", "imagefolder"] = (
-        "digits"
+        Field("digits", description="digits is offline (scikit-learn); others via torchvision")
     )
     root: str = Field("data", description="folder that holds the data set files")
     download: bool = Field(False, description="let torchvision download the data set")
@@ -68,27 +74,29 @@ class DataConfig(_Section):
 class PartitionConfig(_Section):
     """How the training set is split over clients (deterministic in ``seed``)."""
 
-    method: Literal["iid", "dirichlet", "quantity", "classes"] = "iid"
+    method: Literal["iid", "dirichlet", "quantity", "classes"] = Field(
+        "iid", description="iid, Dirichlet label skew, quantity skew, k classes per client"
+    )
     alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration")
-    classes_per_client: int = Field(2, ge=1)
+    classes_per_client: int = Field(2, ge=1, description="k for method=classes without pairs")
     pairs: list[list[int]] | None = Field(
         None, description="fixed class groups for method=classes, e.g. FedPhD's [[0,5],[1,6],...]"
     )
     min_samples: int = Field(2, ge=1, description="smallest partition dirichlet/quantity allow")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the split")
 
 
 class TrainingConfig(_Section):
     """Local DDPM training on each client (and centrally for ``fedphd train``)."""
 
-    lr: float = Field(2e-4, gt=0.0)
-    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0.0, description="Adam learning rate after warm-up")
+    batch_size: int = Field(32, ge=1, description="images per optimiser step")
     local_steps: int = Field(20, ge=1, description="optimiser steps per client per round")
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
+    grad_clip: float = Field(1.0, gt=0.0, description="max global gradient norm")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     threads: int = Field(1, ge=0, description="torch CPU threads per process (0 = torch default)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of noise and batch order (offset per client)")
 
     @field_validator("device")
     @classmethod
@@ -104,17 +112,21 @@ class TopologyConfig(_Section):
     """Who talks to whom: 1 cloud, ``edges`` edge aggregators (0 = flat), ``clients`` clients."""
 
     edges: int = Field(2, ge=0, description="0 = flat mode, clients talk to the cloud")
-    clients: int = Field(4, ge=1)
-    cloud_rounds: int = Field(2, ge=1)
+    clients: int = Field(4, ge=1, description="number of clients (and data partitions)")
+    cloud_rounds: int = Field(2, ge=1, description="rounds the cloud aggregates")
     edge_rounds: int = Field(2, ge=1, description="edge aggregations per cloud round")
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0, description="share of clients per round")
-    min_fit_clients: int = Field(1, ge=1)
+    min_fit_clients: int = Field(1, ge=1, description="fewest clients a round may run with")
     cloud_strategy: str = Field("flwr.server.strategy.FedAvg", description="dotted class path")
     edge_strategy: str = Field("flwr.server.strategy.FedAvg", description="dotted class path")
-    cloud_strategy_args: dict[str, Any] = Field(default_factory=dict)
-    edge_strategy_args: dict[str, Any] = Field(default_factory=dict)
+    cloud_strategy_args: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the cloud strategy"
+    )
+    edge_strategy_args: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the edge strategy"
+    )
     host: str = Field("127.0.0.1", description="address the launcher binds and connects to")
-    cloud_port: int = Field(9090, ge=1, le=65535)
+    cloud_port: int = Field(9090, ge=1, le=65535, description="port the cloud serves on")
     edge_base_port: int = Field(9100, ge=1, le=65535, description="edge i listens on base + i")
     round_timeout: float = Field(600.0, gt=0.0, description="seconds a server waits for answers")
     connect_timeout: float = Field(120.0, gt=0.0, description="seconds to wait for peers")
@@ -130,30 +142,30 @@ class TopologyConfig(_Section):
 class PruningConfig(_Section):
     """Structured pruning of the U-Net at the cloud (FedPhD)."""
 
-    enabled: bool = False
-    ratio: float = Field(0.2, ge=0.0, lt=1.0)
-    sparse_rounds: int = Field(0, ge=0)
+    enabled: bool = Field(False, description="prune the initial model at the cloud")
+    ratio: float = Field(0.2, ge=0.0, lt=1.0, description="channel pruning ratio")
+    sparse_rounds: int = Field(0, ge=0, description="group-lasso rounds before pruning")
 
 
 class CodecConfig(_Section):
     """How model tensors are encoded on each direction of every link."""
 
-    downlink: Literal["fp32", "fp16"] = "fp32"
-    uplink: Literal["fp32", "fp16"] = "fp32"
+    downlink: Literal["fp32", "fp16"] = Field("fp32", description="server to client tensors")
+    uplink: Literal["fp32", "fp16"] = Field("fp32", description="client to server tensors")
 
 
 class EvaluationConfig(_Section):
     """Sample quality checks during and after training."""
 
     every_cloud_rounds: int = Field(0, ge=0, description="0 = only at the end")
-    num_samples: int = Field(64, ge=1)
-    batch_size: int = Field(64, ge=1)
+    num_samples: int = Field(64, ge=1, description="generated images per evaluation")
+    batch_size: int = Field(64, ge=1, description="images per sampling batch")
 
 
 class OutputConfig(_Section):
     """What a run leaves on disk."""
 
-    dir: str = "runs/latest"
+    dir: str = Field("runs/latest", description="run folder when --out is not given")
     grid_samples: int = Field(64, ge=1, description="images in samples.png")
     progress: bool = Field(True, description="progress bars on a terminal")
 
@@ -161,8 +173,8 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     """Everything one run needs; each section is a table of the TOML file."""
 
-    name: str = "fedphd"
-    seed: int = 0
+    name: str = Field("fedphd", description="run name, shown in summaries")
+    seed: int = Field(0, description="seed of the initial model and of sampling")
     model: ModelConfig = Field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -247,3 +259,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_json(text: str) -> RunConfig:
     """Rebuild a config that travelled as JSON (e.g. inside a Flower instruction)."""
     return config_from_dict(json.loads(text), source="received configuration")
+
+
+def config_reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from the models."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `common/config.py` by `python -m common.config > docs/configuration.md`"
+        " (a test keeps it current). One TOML file; every key can be overridden on the command"
+        " line with `--set section.key=value`.",
+        "",
+    ]
+    top = {n: f for n, f in RunConfig.model_fields.items() if not _is_section(f.annotation)}
+    lines += _field_table("(top level)", top, RunConfig.__doc__ or "")
+    for name, info in RunConfig.model_fields.items():
+        if _is_section(info.annotation):
+            section = info.annotation
+            lines += _field_table(f"[{name}]", section.model_fields, section.__doc__ or "")
+    return "\n".join(lines)
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, _Section)
+
+
+def _field_table(title: str, fields: dict[str, Any], doc: str) -> list[str]:
+    lines = [f"## {title}", "", doc.strip().splitlines()[0] if doc.strip() else "", "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, info in fields.items():
+        annotation = info.annotation
+        kind = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+        kind = kind.replace("typing.", "").replace("|", "\\|")
+        default = info.default_factory() if info.default_factory else info.default
+        lines.append(
+            f"| `{key}` | `{kind}` | `{json.dumps(default)}` | {info.description or ''} |"
+        )
+    return [*lines, ""]
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())

@@ -93,7 +93,15 @@ def client_strategy_defaults(
         "fraction_evaluate": 0.0,
         "min_evaluate_clients": 0,
         "initial_parameters": initial_parameters,
+        "fit_metrics_aggregation_fn": weighted_loss,
     }
+
+
+def weighted_loss(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Sample-weighted mean of the clients' training losses (Flower's metrics hook)."""
+    pairs = [(n, float(m["loss"])) for n, m in metrics if "loss" in m]
+    total = sum(n for n, _ in pairs)
+    return {"loss": sum(n * loss for n, loss in pairs) / total} if total else {}
 
 
 def sender_name(proxy: ClientProxy, res: FitRes | None = None) -> str:
@@ -129,6 +137,9 @@ class RoundSummary:
     rejected: dict[str, str] = field(default_factory=dict)
     failures: int = 0
     metrics: list[dict[str, Scalar]] = field(default_factory=list)
+    # Sizes the senders measured on their side: instruction bytes received, tensor bytes sent.
+    reported_received: int = 0
+    reported_payload: int = 0
 
 
 def add_histograms(first: list[int], second: list[int]) -> list[int]:
@@ -149,6 +160,8 @@ def summarise(accepted: list[FitRes]) -> RoundSummary:
         if "loss" in res.metrics:
             weighted += float(res.metrics["loss"]) * res.num_examples
             weight += res.num_examples
+        summary.reported_received += int(res.metrics.get("bytes_received", 0))
+        summary.reported_payload += int(res.metrics.get("payload_bytes", 0))
         hist = [int(c) for c in json.loads(str(res.metrics.get("label_hist", "[]")))]
         summary.label_hist = add_histograms(summary.label_hist, hist)
     summary.loss = weighted / weight if weight else None
@@ -228,7 +241,27 @@ class ManagedStrategy(Strategy):
         if not accepted:
             return None, {}
         all_failures = list(failures) + [ValueError(reason) for reason in rejected.values()]
-        return self.inner.aggregate_fit(server_round, accepted, all_failures)
+        parameters, metrics = self.inner.aggregate_fit(server_round, accepted, all_failures)
+        if parameters is None:
+            return None, metrics
+        return self._as_model_dtypes(server_round, parameters), metrics
+
+    def _as_model_dtypes(self, server_round: int, parameters: Parameters) -> Parameters | None:
+        """Keep the global model in the model's own dtypes (numpy maths in e.g. FedAdam
+        promotes to float64, which would double every later message)."""
+        arrays = codec.decode(parameters)
+        try:
+            check_update([a.astype(r.dtype) for a, r in zip(arrays, self._reference,
+                                                           strict=False)], self._reference)
+        except ValueError as error:
+            log.error("round %d: %s returned an unusable model (%s); keeping the previous one",
+                      server_round, self.inner.__class__.__name__, error)
+            return None
+        if all(a.dtype == r.dtype for a, r in zip(arrays, self._reference, strict=True)):
+            return parameters
+        return ndarrays_to_parameters(
+            [a.astype(r.dtype) for a, r in zip(arrays, self._reference, strict=True)]
+        )
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -47,6 +47,7 @@ from common.transport import (
     TrafficMeter,
     connect_client,
     disconnect_all,
+    fit_ins_wire_size,
     fit_res,
     ndarrays_to_parameters,
     new_server,
@@ -108,19 +109,29 @@ class EdgeAggregator(Client):
             uplink=self.cfg.codec.uplink,
         )
 
+    def _wait_for_clients(self) -> None:
+        """All assigned clients, or at least ``min_fit_clients`` once the wait has timed out."""
+        topology = self.cfg.topology
+        if wait_for_clients(self.client_manager, self.expected_clients, topology.connect_timeout):
+            return
+        connected = self.client_manager.num_available()
+        if connected < min(self.expected_clients, topology.min_fit_clients):
+            raise RuntimeError(
+                f"only {connected} of {self.expected_clients} clients connected within "
+                f"topology.connect_timeout = {topology.connect_timeout} s"
+            )
+        log.warning("edge %d: going on with %d of %d clients", self.edge_id, connected,
+                    self.expected_clients)
+
     def _fit(self, ins: FitIns) -> FitRes:
+        received = fit_ins_wire_size(ins)
         cloud_round = int(ins.config[ROUND_KEY])
         edge_rounds = int(ins.config.get(EDGE_ROUNDS_KEY, self.cfg.topology.edge_rounds))
         global_parameters = ndarrays_to_parameters(codec.decode(ins.parameters))
         strategy = self._edge_strategy(global_parameters, str(ins.config[ARCH_KEY]))
         server = new_server(strategy, self.client_manager)
         server.parameters = global_parameters
-        needed = min(self.expected_clients, self.cfg.topology.min_fit_clients)
-        if not wait_for_clients(self.client_manager, needed, self.cfg.topology.connect_timeout):
-            raise RuntimeError(
-                f"only {self.client_manager.num_available()} of {needed} clients connected "
-                f"within topology.connect_timeout = {self.cfg.topology.connect_timeout} s"
-            )
+        self._wait_for_clients()
         records, hist, last = [], [], None
         for _ in range(edge_rounds):
             self.edge_round += 1
@@ -144,6 +155,10 @@ class EdgeAggregator(Client):
                         "edge->client": outcome.traffic.down,
                         "client->edge": outcome.traffic.up,
                     },
+                    "reported_by_clients": {
+                        "received": summary.reported_received,
+                        "payload": summary.reported_payload,
+                    },
                 }
             )
             hist = add_histograms(hist, summary.label_hist)
@@ -152,9 +167,11 @@ class EdgeAggregator(Client):
         if last is None:
             raise RuntimeError(f"none of the {edge_rounds} edge rounds produced an aggregate")
         log.info("edge %d: cloud round %d done, loss %s", self.edge_id, cloud_round, last.loss)
-        arrays = codec.decode(server.parameters)
+        payload = codec.encode(
+            codec.decode(server.parameters), str(ins.config.get(UPLINK_KEY, "fp32"))
+        )
         return fit_res(
-            codec.encode(arrays, str(ins.config.get(UPLINK_KEY, "fp32"))),
+            payload,
             # n_e: samples of the edge's latest round (FedPhD's cloud weighting uses it).
             last.num_examples,
             {
@@ -164,6 +181,8 @@ class EdgeAggregator(Client):
                 "edge_log": json.dumps(records),
                 "bytes_down": sum(r["bytes"]["edge->client"] for r in records),
                 "bytes_up": sum(r["bytes"]["client->edge"] for r in records),
+                "bytes_received": received,
+                "payload_bytes": codec.payload_bytes(payload),
             },
         )
 

@@ -171,6 +171,10 @@ class CloudServer:
                 "seconds": round(outcome.seconds, 3),
                 "bytes": per_link,
                 "bytes_cumulative": dict(cumulative),
+                "reported_by_peers": {
+                    "received": outcome.summary.reported_received,
+                    "payload": outcome.summary.reported_payload,
+                },
             }
             metrics.write(record)
             log.info("cloud round %d: loss %s, bytes %s", server_round, record["loss"], per_link)

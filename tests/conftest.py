@@ -1,0 +1,56 @@
+"""Shared helpers: free loopback ports and running the real ``fedphd`` program."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_block(count: int) -> int:
+    """First port of ``count`` consecutive free loopback ports (edges use base + i)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            base = sock.getsockname()[1]
+        if base + count < 65535 and all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no block of free ports found")
+
+
+def fedphd(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real command line (``python -m common.cli``) in a subprocess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "common.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd,
+    )
+
+
+@pytest.fixture
+def ports() -> dict[str, int]:
+    """A free cloud port and a free block for up to 8 edges."""
+    cloud = free_port_block(1)
+    edges = free_port_block(8)
+    return {"cloud": cloud, "edges": edges}
+
+
+def port_overrides(ports: dict[str, int]) -> list[str]:
+    return ["--set", f"topology.cloud_port={ports['cloud']}",
+            "--set", f"topology.edge_base_port={ports['edges']}"]

@@ -1,0 +1,115 @@
+"""The deployment for real: cloud, edges and clients as separate processes over gRPC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import UNet2DModel
+
+from common.config import load_config
+from common.models import build_unet, model_to_ndarrays, unet_config
+from tests.conftest import TESTS_DIR, fedphd, port_overrides
+
+pytestmark = pytest.mark.slow
+
+# Small but real: 16x16 U-Net, a few local steps, short sampling.
+FAST = ["--set", "training.local_steps=3", "--set", "diffusion.sampling_steps=2",
+        "--set", "output.grid_samples=4", "--set", "topology.connect_timeout=120"]
+
+
+def launch(out: Path, ports, *overrides: str, env=None):
+    result = fedphd("launch", "--out", str(out), "--timeout", "400", *FAST,
+                    *port_overrides(ports), *overrides, env=env, timeout=500)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}"
+                     for p in sorted((out / "logs").glob("*.log")))
+    assert result.returncode == 0, result.stderr[-3000:] + logs
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_model_trained(out: Path, overrides: list[str]) -> None:
+    """The saved global model loads in diffusers and differs from the initial weights."""
+    cfg = load_config(out / "config.toml")
+    trained = model_to_ndarrays(UNet2DModel.from_pretrained(out / "model"))
+    initial = model_to_ndarrays(build_unet(unet_config(cfg.model), seed=cfg.seed))
+    changed = [not np.array_equal(a, b) for a, b in zip(trained, initial, strict=True)]
+    assert sum(changed) > 0.9 * len(changed)
+    assert (out / "samples.png").stat().st_size > 0
+
+
+def test_hierarchical_run_two_edges_four_clients(tmp_path, ports):
+    out = tmp_path / "run"
+    records = launch(out, ports, "--set", "topology.edges=2", "--set", "topology.clients=4",
+                     "--set", "topology.cloud_rounds=2", "--set", "topology.edge_rounds=2")
+    assert_model_trained(out, [])
+    cloud = [r for r in records if r["tier"] == "cloud"]
+    edge = [r for r in records if r["tier"] == "edge"]
+    assert [r["round"] for r in cloud] == [1, 2]
+    assert all(r["model_updated"] and r["participants"] for r in cloud)
+    for edge_id in (0, 1):
+        mine = [r for r in edge if r["edge"] == edge_id]
+        assert [r["round"] for r in mine] == [1, 2, 3, 4]
+        assert [r["cloud_round"] for r in mine] == [1, 1, 2, 2]
+        # Round-robin assignment: edge e serves clients e and e + 2.
+        assert all(sorted(r["clients"]) == [f"client {edge_id}", f"client {edge_id + 2}"]
+                   for r in mine)
+    # Metered bytes equal what the other end measured of the same messages.
+    for r in edge:
+        assert r["bytes"]["edge->client"] == r["reported_by_clients"]["received"]
+        up, payload = r["bytes"]["client->edge"], r["reported_by_clients"]["payload"]
+        assert payload <= up <= payload + 4096
+    for r in cloud:
+        assert r["bytes"]["cloud->edge"] == r["reported_by_peers"]["received"]
+        up, payload = r["bytes"]["edge->cloud"], r["reported_by_peers"]["payload"]
+        assert payload <= up <= payload + 8192
+        # The cloud's per-link totals are the sums of its edges' rounds.
+        mine = [e for e in edge if e["cloud_round"] == r["round"]]
+        assert r["bytes"]["edge->client"] == sum(e["bytes"]["edge->client"] for e in mine)
+    # A 1.1 M-parameter fp32 model is ~4.45 MB per message: 2 clients per edge round.
+    model_bytes = 4 * 1_112_801
+    assert 2 * model_bytes < edge[0]["bytes"]["edge->client"] < 2 * model_bytes * 1.01
+    totals = cloud[-1]["bytes_cumulative"]
+    assert totals["cloud->edge"] == sum(r["bytes"]["cloud->edge"] for r in cloud)
+    assert (out / "summary.md").read_text().startswith("# Run")
+
+
+def test_flat_mode_three_clients_with_flower_fedadam(tmp_path, ports):
+    out = tmp_path / "flat"
+    records = launch(out, ports, "--set", "topology.edges=0", "--set", "topology.clients=3",
+                     "--set", "topology.cloud_rounds=2",
+                     "--set", "topology.cloud_strategy=flwr.server.strategy.FedAdam",
+                     "--set", "topology.cloud_strategy_args={eta=0.001}")
+    assert_model_trained(out, [])
+    assert not [r for r in records if r["tier"] == "edge"]
+    cloud = [r for r in records if r["tier"] == "cloud"]
+    assert [r["round"] for r in cloud] == [1, 2]
+    # FedAdam's numpy maths yields float64; the global model must stay float32 on the wire.
+    assert cloud[0]["bytes"]["cloud->client"] == cloud[1]["bytes"]["cloud->client"]
+    for r in cloud:
+        assert r["model_updated"] and not r["rejected"]
+        assert sorted(r["participants"]) == ["client 0", "client 1", "client 2"]
+        assert set(r["bytes"]) == {"cloud->client", "client->cloud"}
+        assert r["bytes"]["cloud->client"] == r["reported_by_peers"]["received"]
+    log = (out / "logs" / "cloud.log").read_text()
+    assert "FedAdam" in log
+
+
+def test_custom_strategy_class_plugs_in_by_dotted_path(tmp_path, ports):
+    out = tmp_path / "custom"
+    record = tmp_path / "aggregations.jsonl"
+    env = {"PYTHONPATH": str(TESTS_DIR)}
+    launch(out, ports, "--set", "topology.edges=1", "--set", "topology.clients=2",
+           "--set", "topology.cloud_rounds=1", "--set", "topology.edge_rounds=2",
+           "--set", "topology.edge_strategy=custom_strategy.RecordingFedAvg",
+           "--set", f'topology.edge_strategy_args={{record_to="{record}"}}', env=env)
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert calls == [{"round": 1, "results": 2}, {"round": 2, "results": 2}]
+
+
+def test_unknown_strategy_fails_at_start_naming_the_field(tmp_path, ports):
+    result = fedphd("cloud", "--out", str(tmp_path), *port_overrides(ports),
+                    "--set", "topology.cloud_strategy=nowhere.Strategy", timeout=120)
+    assert result.returncode == 2
+    assert "topology.cloud_strategy" in result.stderr and "nowhere" in result.stderr

@@ -1,0 +1,137 @@
+"""The wrapper every strategy runs inside: instructions, codecs, answer checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.server.strategy import FedAdam, FedAvg
+
+from common import codec
+from common.config import ConfigError
+from common.strategy import (
+    ARCH_KEY,
+    ROUND_KEY,
+    UPLINK_KEY,
+    ManagedStrategy,
+    build_strategy,
+    client_strategy_defaults,
+)
+from common.transport import (
+    ClientProxy,
+    FitRes,
+    SimpleClientManager,
+    ndarrays_to_parameters,
+    ok_status,
+)
+
+
+class FakeProxy(ClientProxy):
+    """Stands in for a connected gRPC client; the wrapper never calls it."""
+
+    def get_properties(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def get_parameters(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def fit(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def evaluate(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+
+MODEL = [np.ones((2, 3), dtype=np.float32), np.zeros(4, dtype=np.float32)]
+
+
+def answer(cid: int, arrays, examples=10, wire="fp32"):
+    metrics = {"client_id": cid, "loss": 0.5, "label_hist": json.dumps([examples, 0])}
+    return FakeProxy(str(cid)), FitRes(ok_status(), codec.encode(arrays, wire), examples, metrics)
+
+
+def managed(inner=None, downlink="fp32"):
+    strategy = ManagedStrategy(inner or FedAvg(min_available_clients=1, min_fit_clients=1),
+                               {ARCH_KEY: "{}"}, downlink=downlink, uplink="fp16")
+    manager = SimpleClientManager()
+    for cid in range(3):
+        manager.register(FakeProxy(str(cid)))
+    return strategy, manager
+
+
+def test_configure_fit_adds_the_instruction_and_encodes_the_downlink():
+    strategy, manager = managed(downlink="fp16")
+    instructions = strategy.configure_fit(3, ndarrays_to_parameters(MODEL), manager)
+    assert len(instructions) == 3
+    for _proxy, ins in instructions:
+        assert ins.config[ARCH_KEY] == "{}" and ins.config[ROUND_KEY] == 3
+        assert ins.config[UPLINK_KEY] == "fp16"
+        assert ins.parameters.tensor_type == codec.FP16
+        assert [a.dtype for a in codec.decode(ins.parameters)] == [np.float32, np.float32]
+
+
+def test_aggregation_is_the_inner_strategys_weighted_mean():
+    strategy, manager = managed()
+    strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)
+    a = [np.full((2, 3), 1.0, np.float32), np.full(4, 1.0, np.float32)]
+    b = [np.full((2, 3), 4.0, np.float32), np.full(4, 4.0, np.float32)]
+    params, _ = strategy.aggregate_fit(1, [answer(0, a, 10), answer(1, b, 30, "fp16")], [])
+    merged = codec.decode(params)
+    assert np.allclose(merged[0], 3.25) and np.allclose(merged[1], 3.25)
+    assert strategy.last_round.num_examples == 40
+    assert strategy.last_round.label_hist == [40, 0]
+    assert sorted(strategy.last_round.senders) == ["client 0", "client 1"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ([np.full((2, 3), np.nan, np.float32), np.zeros(4, np.float32)], "NaN or Inf"),
+        ([np.zeros((3, 2), np.float32), np.zeros(4, np.float32)], "shape"),
+        ([np.zeros((2, 3), np.float32)], "sent 1 tensors"),
+        ([np.zeros((2, 3), np.int64), np.zeros(4, np.float32)], "dtype"),
+    ],
+)
+def test_bad_updates_are_dropped_with_the_sender_named(bad, reason, caplog):
+    strategy, manager = managed()
+    strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)
+    good = [np.full((2, 3), 2.0, np.float32), np.full(4, 2.0, np.float32)]
+    params, _ = strategy.aggregate_fit(1, [answer(0, good), answer(7, bad)], [])
+    assert np.allclose(codec.decode(params)[0], 2.0)  # the attacker had no effect
+    assert reason in strategy.last_round.rejected["client 7"]
+    assert "client 7" in caplog.text
+
+
+def test_unknown_codec_is_rejected():
+    strategy, manager = managed()
+    strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)
+    proxy, res = answer(3, MODEL)
+    res.parameters.tensor_type = "zip-bomb"
+    params, _ = strategy.aggregate_fit(1, [(proxy, res)], [])
+    assert params is None
+    assert "unknown tensor type" in strategy.last_round.rejected["client 3"]
+
+
+def test_float64_results_of_the_inner_strategy_are_cast_back():
+    initial = ndarrays_to_parameters(MODEL)
+    inner = build_strategy("flwr.server.strategy.FedAdam", {"eta": 0.1},
+                           client_strategy_defaults(1.0, 1, initial), "topology.cloud_strategy")
+    assert isinstance(inner, FedAdam)
+    strategy, manager = managed(inner)
+    strategy.configure_fit(1, initial, manager)
+    params, _ = strategy.aggregate_fit(1, [answer(0, [a + 1 for a in MODEL])], [])
+    assert [a.dtype for a in codec.decode(params)] == [np.float32, np.float32]
+
+
+def test_build_strategy_errors_name_the_field():
+    with pytest.raises(ConfigError, match="topology.edge_strategy.*cannot be imported"):
+        build_strategy("nowhere.Nothing", {}, {}, "topology.edge_strategy")
+    with pytest.raises(ConfigError, match="is not a flwr.server.strategy.Strategy"):
+        build_strategy("json.JSONDecoder", {}, {}, "topology.cloud_strategy")
+    with pytest.raises(ConfigError, match="rejected its arguments"):
+        build_strategy("flwr.server.strategy.FedAvg", {"no_such_arg": 1}, {},
+                       "topology.cloud_strategy")
