@@ -22,7 +22,7 @@ from common.cli import add_config_args, config_from_args
 from common.config import ConfigError, RunConfig
 from common.data import load_dataset
 from common.diffusion import DiffusionTrainer, endless_batches, make_noise_scheduler
-from common.instructions import ARCH_KEY, LOCAL_STEPS_KEY, LR_KEY, UPLINK_KEY
+from common.instructions import ARCH_KEY, LOCAL_STEPS_KEY, LR_KEY, MOVE_KEY, UPLINK_KEY
 from common.models import (
     architecture_from_json,
     build_unet,
@@ -89,6 +89,7 @@ class DiffusionClient(Client):
         self.data = data
         self.device = device
         self.arch_json: str | None = None
+        self.move_to: str | None = None  # set when a server re-assigns this client
         self.trainer: DiffusionTrainer | None = None
         self.batches = None
 
@@ -111,6 +112,9 @@ class DiffusionClient(Client):
         self.arch_json = arch_json
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
+        if MOVE_KEY in ins.config:
+            self.move_to = str(ins.config[MOVE_KEY])
+            log.info("client %d: re-assigned to %s", self.client_id, self.move_to)
         return GetPropertiesRes(
             status=ok_status(),
             properties={
@@ -184,7 +188,12 @@ def run(args: argparse.Namespace) -> int:
         args.client_id, len(data.dataset), data.label_hist, address,
     )
     client = DiffusionClient(cfg, args.client_id, data, device)
-    connect_client(address, client, max_wait_time=cfg.topology.connect_timeout)
+    while True:
+        connect_client(address, client, max_wait_time=cfg.topology.connect_timeout)
+        if client.move_to is None:
+            break
+        address, client.move_to = client.move_to, None
+        log.info("client %d: joining %s", args.client_id, address)
     log.info("client %d: disconnected by the server, exiting", args.client_id)
     return 0
 

@@ -15,9 +15,14 @@ from common.strategy import ARCH_KEY, ROUND_KEY, UPLINK_KEY
 LOCAL_STEPS_KEY = "fedphd.local_steps"
 LR_KEY = "fedphd.lr"
 EDGE_ROUNDS_KEY = "fedphd.edge_rounds"
+# Re-assignment: {client_id: edge address} from the cloud; an edge sends MOVE_KEY to a client.
+ASSIGNMENT_KEY = "fedphd.assignment"
+MOVE_KEY = "fedphd.move_to"
 
 __all__ = [
     "ARCH_KEY",
+    "ASSIGNMENT_KEY",
+    "MOVE_KEY",
     "EDGE_ROUNDS_KEY",
     "LOCAL_STEPS_KEY",
     "LR_KEY",

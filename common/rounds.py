@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.strategy import ManagedStrategy, RoundSummary
 from common.transport import Server, Traffic, TrafficMeter
@@ -17,6 +17,7 @@ class RoundOutcome:
     traffic: Traffic
     seconds: float
     updated: bool
+    strategy_metrics: dict = field(default_factory=dict)
 
 
 def run_fit_round(
@@ -36,4 +37,5 @@ def run_fit_round(
         traffic=meter.take(),
         seconds=time.perf_counter() - start,
         updated=updated,
+        strategy_metrics=dict(result[1]) if result is not None else {},
     )

@@ -12,6 +12,7 @@ file only. Everything here is Flower's own machinery; the project adds two thing
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,12 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.server import reconnect_clients
 from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
-from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge, InsWrapper, ResWrapper
+from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import (
+    GrpcBridge,
+    GrpcBridgeClosed,
+    InsWrapper,
+    ResWrapper,
+)
 from flwr.supercore.grpc import generic_create_grpc_server
 
 try:  # the generated service module moved between Flower releases
@@ -72,6 +78,7 @@ __all__ = [
     "TrafficMeter",
     "connect_client",
     "disconnect_all",
+    "move_client",
     "fit_ins_wire_size",
     "fit_res",
     "new_server",
@@ -246,3 +253,17 @@ def disconnect_all(client_manager: ClientManager, timeout: float = 10.0) -> None
         max_workers=None,
         timeout=timeout,
     )
+
+
+def move_client(proxy: ClientProxy, address: str, move_key: str, timeout: float = 30.0) -> None:
+    """Tell a connected client to reconnect to another server, then release it.
+
+    Flower's ``ReconnectIns`` carries no address, so the address goes first in a
+    ``get_properties`` instruction (``{move_key: address}``); the reconnect then ends the
+    client's session here and its connect loop joins ``address``.
+    """
+    proxy.get_properties(GetPropertiesIns(config={move_key: address}), timeout=timeout,
+                         group_id=None)
+    # The client hangs up as told, sometimes before its goodbye reaches the bridge.
+    with contextlib.suppress(GrpcBridgeClosed):
+        proxy.reconnect(ReconnectIns(seconds=None), timeout=timeout, group_id=None)

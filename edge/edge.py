@@ -20,7 +20,9 @@ from common.cli import add_config_args, config_from_args
 from common.config import RunConfig
 from common.instructions import (
     ARCH_KEY,
+    ASSIGNMENT_KEY,
     EDGE_ROUNDS_KEY,
+    MOVE_KEY,
     ROUND_KEY,
     UPLINK_KEY,
     client_instruction,
@@ -41,6 +43,8 @@ from common.transport import (
     FitRes,
     GetParametersIns,
     GetParametersRes,
+    GetPropertiesIns,
+    GetPropertiesRes,
     Parameters,
     SimpleClientManager,
     Status,
@@ -49,6 +53,7 @@ from common.transport import (
     disconnect_all,
     fit_ins_wire_size,
     fit_res,
+    move_client,
     ndarrays_to_parameters,
     new_server,
     ok_status,
@@ -62,10 +67,16 @@ log = logging.getLogger("fedphd.edge")
 class EdgeAggregator(Client):
     """Flower client of the cloud whose ``fit`` runs federated rounds over its own clients."""
 
-    def __init__(self, cfg: RunConfig, edge_id: int, listen: str) -> None:
+    def __init__(
+        self, cfg: RunConfig, edge_id: int, listen: str, advertise: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.edge_id = edge_id
         self.listen = listen
+        # The address clients are told to use when they are moved here.
+        self.advertise = advertise or listen
+        self._client_ids: dict[str, int] = {}  # Flower connection id -> client id
+        self._client_hists: dict[int, list[int]] = {}
         self.meter = TrafficMeter()
         self.client_manager = SimpleClientManager()
         self.expected_clients = len(clients_of_edge(edge_id, cfg.topology))
@@ -77,6 +88,57 @@ class EdgeAggregator(Client):
 
     def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
         return GetParametersRes(status=ok_status(), parameters=codec.encode([], "fp32"))
+
+    def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
+        """Address and the label histograms of the connected clients (for edge selection)."""
+        wait_for_clients(self.client_manager, self.expected_clients,
+                         self.cfg.topology.connect_timeout)
+        self._learn_clients()
+        return GetPropertiesRes(
+            status=ok_status(),
+            properties={
+                "edge_id": self.edge_id,
+                "address": self.advertise,
+                "clients": json.dumps({
+                    str(client): self._client_hists[client]
+                    for client in self._client_ids.values()
+                }),
+            },
+        )
+
+    def _learn_clients(self) -> dict[str, int]:
+        """Ask newly connected clients who they are; forget those that left."""
+        connected = dict(self.client_manager.all())  # a copy: gRPC threads change it
+        for cid in set(self._client_ids) - set(connected):
+            del self._client_ids[cid]
+        for cid, proxy in connected.items():
+            if cid in self._client_ids:
+                continue
+            props = proxy.get_properties(
+                GetPropertiesIns(config={}), timeout=self.cfg.topology.round_timeout,
+                group_id=None,
+            ).properties
+            client = int(props["client_id"])
+            self._client_ids[cid] = client
+            self._client_hists[client] = json.loads(str(props["label_hist"]))
+        return dict(self._client_ids)
+
+    def _apply_assignment(self, mapping_json: str) -> None:
+        """Send away the clients assigned elsewhere; expect those assigned here."""
+        mapping = {int(c): address for c, address in json.loads(mapping_json).items()}
+        leaving = []
+        for cid, client in self._learn_clients().items():
+            target = mapping.get(client, self.advertise)
+            if target != self.advertise:
+                log.info("edge %d: client %d moves to %s", self.edge_id, client, target)
+                move_client(self.client_manager.all()[cid], target, MOVE_KEY)
+                leaving.append(cid)
+        deadline = time.monotonic() + 30
+        while any(cid in self.client_manager.all() for cid in leaving):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"clients {leaving} did not leave within 30 s")
+            time.sleep(0.05)
+        self.expected_clients = sum(1 for a in mapping.values() if a == self.advertise)
 
     def fit(self, ins: FitIns) -> FitRes:
         try:
@@ -126,6 +188,8 @@ class EdgeAggregator(Client):
     def _fit(self, ins: FitIns) -> FitRes:
         received = fit_ins_wire_size(ins)
         cloud_round = int(ins.config[ROUND_KEY])
+        if ASSIGNMENT_KEY in ins.config:
+            self._apply_assignment(str(ins.config[ASSIGNMENT_KEY]))
         edge_rounds = int(ins.config.get(EDGE_ROUNDS_KEY, self.cfg.topology.edge_rounds))
         global_parameters = ndarrays_to_parameters(codec.decode(ins.parameters))
         strategy = self._edge_strategy(global_parameters, str(ins.config[ARCH_KEY]))
@@ -196,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(cfg.seed + 100 + args.edge_id)
     listen = args.listen or edge_address(args.edge_id, cfg.topology)
     cloud = args.cloud or cloud_address(cfg.topology)
-    edge = EdgeAggregator(cfg, args.edge_id, listen)
+    edge = EdgeAggregator(cfg, args.edge_id, listen, args.advertise)
     try:
         log.info("edge %d: joining the cloud at %s", args.edge_id, cloud)
         start = time.monotonic()
@@ -223,6 +287,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--listen",
         metavar="HOST:PORT",
         help="address to serve clients on (default: topology.host:edge_base_port+ID)",
+    )
+    parser.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="address clients can reach this edge at, sent to clients moved here "
+        "(default: --listen; set it when listening on 0.0.0.0)",
     )
     parser.add_argument("--edge-id", type=int, required=True, metavar="ID", help="edge number")
     parser.set_defaults(run=run)
