@@ -78,6 +78,16 @@ def round_bytes(outcome: RoundOutcome, flat: bool) -> dict[str, int]:
     }
 
 
+def _maybe_json(value):
+    """Strategy metrics are Flower scalars; structured ones arrive as JSON strings."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
 class CloudServer:
     """Holds the global model and drives the cloud rounds."""
 
@@ -171,6 +181,7 @@ class CloudServer:
                 "seconds": round(outcome.seconds, 3),
                 "bytes": per_link,
                 "bytes_cumulative": dict(cumulative),
+                "strategy": {k: _maybe_json(v) for k, v in outcome.strategy_metrics.items()},
                 "reported_by_peers": {
                     "received": outcome.summary.reported_received,
                     "payload": outcome.summary.reported_payload,
