@@ -22,7 +22,14 @@ from common.cli import add_config_args, config_from_args
 from common.config import ConfigError, RunConfig
 from common.data import load_dataset
 from common.diffusion import DiffusionTrainer, endless_batches, make_noise_scheduler
-from common.instructions import ARCH_KEY, LOCAL_STEPS_KEY, LR_KEY, MOVE_KEY, UPLINK_KEY
+from common.instructions import (
+    ARCH_KEY,
+    GROUP_LASSO_KEY,
+    LOCAL_STEPS_KEY,
+    LR_KEY,
+    MOVE_KEY,
+    UPLINK_KEY,
+)
 from common.models import (
     architecture_from_json,
     build_unet,
@@ -31,6 +38,7 @@ from common.models import (
     unet_config,
 )
 from common.partition import label_histogram, partition
+from common.pruning import group_lasso_penalty
 from common.runtime import seed_everything, setup_torch
 from common.topology import server_address_of_client
 from common.transport import (
@@ -153,8 +161,10 @@ class DiffusionClient(Client):
         lr = float(ins.config.get(LR_KEY, self.cfg.training.lr))
         trainer.lr_schedule.base_lrs = [lr for _ in trainer.lr_schedule.base_lrs]
         steps = int(ins.config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))
+        lam = float(ins.config.get(GROUP_LASSO_KEY, 0.0))
+        penalty = (lambda model: group_lasso_penalty(model, lam)) if lam > 0 else None
         start = time.perf_counter()
-        losses = trainer.train(self.batches, steps)
+        losses = trainer.train(self.batches, steps, extra_loss=penalty)
         seconds = time.perf_counter() - start
         uplink = str(ins.config.get(UPLINK_KEY, "fp32"))
         out = codec.encode(model_to_ndarrays(trainer.model), uplink)

@@ -144,7 +144,12 @@ class PruningConfig(_Section):
 
     enabled: bool = Field(False, description="prune the initial model at the cloud")
     ratio: float = Field(0.2, ge=0.0, lt=1.0, description="channel pruning ratio")
-    sparse_rounds: int = Field(0, ge=0, description="group-lasso rounds before pruning")
+    sparse_rounds: int = Field(
+        0, ge=0, description="cloud rounds of group-lasso sparse training before pruning"
+    )
+    group_lasso: float = Field(
+        1e-5, ge=0.0, description="lambda of the group-lasso penalty in sparse rounds"
+    )
 
 
 class CodecConfig(_Section):

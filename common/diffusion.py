@@ -12,6 +12,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import DiffusionConfig, TrainingConfig
+from common.pruning import load_pretrained
 
 
 def make_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -99,10 +100,12 @@ class DiffusionTrainer:
         self.steps_done += 1
         return float(loss.detach())
 
-    def train(self, batches: Iterator[torch.Tensor], steps: int, progress=None) -> list[float]:
+    def train(
+        self, batches: Iterator[torch.Tensor], steps: int, progress=None, extra_loss=None
+    ) -> list[float]:
         losses = []
         for _ in range(steps):
-            losses.append(self.train_step(next(batches)))
+            losses.append(self.train_step(next(batches), extra_loss))
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -161,7 +164,4 @@ def load_model(directory: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} holds no diffusers model (config.json missing)")
-    return (
-        UNet2DModel.from_pretrained(str(directory)),
-        DDPMScheduler.from_pretrained(str(directory)),
-    )
+    return load_pretrained(directory), DDPMScheduler.from_pretrained(str(directory))

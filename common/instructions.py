@@ -15,6 +15,7 @@ from common.strategy import ARCH_KEY, ROUND_KEY, UPLINK_KEY
 LOCAL_STEPS_KEY = "fedphd.local_steps"
 LR_KEY = "fedphd.lr"
 EDGE_ROUNDS_KEY = "fedphd.edge_rounds"
+GROUP_LASSO_KEY = "fedphd.group_lasso"  # lambda of FedPhD's sparse training, 0 = off
 # Re-assignment: {client_id: edge address} from the cloud; an edge sends MOVE_KEY to a client.
 ASSIGNMENT_KEY = "fedphd.assignment"
 MOVE_KEY = "fedphd.move_to"
@@ -24,6 +25,7 @@ __all__ = [
     "ASSIGNMENT_KEY",
     "MOVE_KEY",
     "EDGE_ROUNDS_KEY",
+    "GROUP_LASSO_KEY",
     "LOCAL_STEPS_KEY",
     "LR_KEY",
     "ROUND_KEY",
@@ -33,12 +35,13 @@ __all__ = [
 ]
 
 
-def client_instruction(cfg: RunConfig, arch_json: str) -> dict[str, Any]:
+def client_instruction(cfg: RunConfig, arch_json: str, group_lasso: float = 0.0) -> dict[str, Any]:
     """What every client needs besides the weights: the architecture and local training."""
     return {
         ARCH_KEY: arch_json,
         LOCAL_STEPS_KEY: cfg.training.local_steps,
         LR_KEY: cfg.training.lr,
+        GROUP_LASSO_KEY: group_lasso,
     }
 
 

@@ -15,6 +15,7 @@ import torch
 from diffusers import UNet2DModel
 
 from common.config import ModelConfig
+from common.pruning import build_model
 
 _CIFAR_BLOCKS: dict[str, Any] = {
     "block_out_channels": [128, 256, 256, 256],
@@ -64,12 +65,13 @@ def unet_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def build_unet(arch: dict[str, Any], seed: int | None = None) -> UNet2DModel:
-    """Build a U-Net from an architecture dict; ``seed`` makes the initial weights reproducible."""
+    """Build a U-Net (pruned when ``arch`` records pruned shapes); ``seed`` makes the initial
+    weights reproducible."""
     if seed is None:
-        return UNet2DModel(**arch)
+        return build_model(arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DModel(**arch)
+        return build_model(arch)
 
 
 def architecture_of(model: UNet2DModel) -> dict[str, Any]:

@@ -126,8 +126,8 @@ def prune_unet(model: UNet2DModel, ratio: float, *, round_to: int | None = None)
 
         I(c) = mean_{W in G} ||W[c]||_2^2,   normalised by its mean over the group's channels
 
-    where W[c] is the slice of W that channel c owns (an output row of a producer, an input
-    column of a consumer, a GroupNorm scale and shift). Each group keeps its floor(n·(1 - r))
+    where W runs over the conv and linear weights in G and W[c] is the slice channel c owns (an
+    output row of a producer, an input column of a consumer). Each group keeps its floor(n·(1 - r))
     most important of n channels. GroupNorm groups and attention heads are channel groups: a
     layer with g groups of s channels keeps floor(s·(1 - r)) positions, the same in every
     group, so GroupNorm's g and the head count stay valid (on the 128/256-channel U-Net with 32

@@ -22,6 +22,7 @@ from common.instructions import (
     ARCH_KEY,
     ASSIGNMENT_KEY,
     EDGE_ROUNDS_KEY,
+    GROUP_LASSO_KEY,
     MOVE_KEY,
     ROUND_KEY,
     UPLINK_KEY,
@@ -152,7 +153,9 @@ class EdgeAggregator(Client):
                 metrics={"edge_id": self.edge_id},
             )
 
-    def _edge_strategy(self, global_parameters: Parameters, arch_json: str) -> ManagedStrategy:
+    def _edge_strategy(
+        self, global_parameters: Parameters, arch_json: str, group_lasso: float
+    ) -> ManagedStrategy:
         # A fresh strategy per cloud round: after a cloud aggregation every edge restarts from
         # the global model, including any server-side optimiser state of its strategy.
         topology = self.cfg.topology
@@ -166,7 +169,7 @@ class EdgeAggregator(Client):
         )
         return ManagedStrategy(
             inner,
-            client_instruction(self.cfg, arch_json),
+            client_instruction(self.cfg, arch_json, group_lasso),
             downlink=self.cfg.codec.downlink,
             uplink=self.cfg.codec.uplink,
         )
@@ -192,7 +195,10 @@ class EdgeAggregator(Client):
             self._apply_assignment(str(ins.config[ASSIGNMENT_KEY]))
         edge_rounds = int(ins.config.get(EDGE_ROUNDS_KEY, self.cfg.topology.edge_rounds))
         global_parameters = ndarrays_to_parameters(codec.decode(ins.parameters))
-        strategy = self._edge_strategy(global_parameters, str(ins.config[ARCH_KEY]))
+        strategy = self._edge_strategy(
+            global_parameters, str(ins.config[ARCH_KEY]),
+            float(ins.config.get(GROUP_LASSO_KEY, 0.0)),
+        )
         server = new_server(strategy, self.client_manager)
         server.parameters = global_parameters
         self._wait_for_clients()

@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffusers import UNet2DModel
+
 from common import codec
 from common.cli import add_config_args, config_from_args
 from common.config import RunConfig
 from common.diffusion import sample_images, save_model
 from common.images import save_grid
-from common.instructions import EDGE_ROUNDS_KEY, client_instruction
+from common.instructions import EDGE_ROUNDS_KEY, GROUP_LASSO_KEY, client_instruction
 from common.models import (
     architecture_of,
     architecture_to_json,
@@ -31,11 +33,13 @@ from common.models import (
     model_to_ndarrays,
     unet_config,
 )
+from common.pruning import prune_unet, to_pruned_model
 from common.rounds import RoundOutcome, run_fit_round
 from common.runtime import progress_bar, seed_everything, setup_torch
 from common.strategy import ARCH_KEY, ManagedStrategy, build_strategy, client_strategy_defaults
 from common.topology import cloud_address, is_flat
 from common.transport import (
+    Parameters,
     SimpleClientManager,
     TrafficMeter,
     disconnect_all,
@@ -97,18 +101,27 @@ class CloudServer:
         self.out = out
         self.flat = is_flat(cfg.topology)
         self.expected_peers = cfg.topology.clients if self.flat else cfg.topology.edges
+        self.meter = TrafficMeter()
+        self.client_manager = SimpleClientManager()
+        self.model: UNet2DModel | None = None
+        self.strategy: ManagedStrategy | None = None
+        self.server = None
 
-    def _strategy(self, arch_json: str, initial) -> ManagedStrategy:
+    def _strategy(self, arch_json: str, initial: Parameters, group_lasso: float):
         topology = self.cfg.topology
         if self.flat:
             defaults = client_strategy_defaults(
                 topology.fraction_fit, topology.min_fit_clients, initial
             )
-            instruction = client_instruction(self.cfg, arch_json)
+            instruction = client_instruction(self.cfg, arch_json, group_lasso)
         else:
             # Every edge takes part in every cloud round.
             defaults = client_strategy_defaults(1.0, topology.edges, initial)
-            instruction = {ARCH_KEY: arch_json, EDGE_ROUNDS_KEY: topology.edge_rounds}
+            instruction = {
+                ARCH_KEY: arch_json,
+                EDGE_ROUNDS_KEY: topology.edge_rounds,
+                GROUP_LASSO_KEY: group_lasso,
+            }
         inner = build_strategy(
             topology.cloud_strategy, topology.cloud_strategy_args, defaults,
             "topology.cloud_strategy",
@@ -117,51 +130,81 @@ class CloudServer:
             inner, instruction, downlink=self.cfg.codec.downlink, uplink=self.cfg.codec.uplink
         )
 
+    def _install(self, model: UNet2DModel, group_lasso: float = 0.0) -> None:
+        """Make ``model`` the global model: its architecture travels with every instruction.
+
+        The strategy is rebuilt too, so a strategy with server-side state (e.g. FedAdam's
+        moments) starts from the new architecture's weights.
+        """
+        self.model = model
+        arch_json = architecture_to_json(architecture_of(model))
+        parameters = ndarrays_to_parameters(model_to_ndarrays(model))
+        self.strategy = self._strategy(arch_json, parameters, group_lasso)
+        self.server = new_server(self.strategy, self.client_manager)
+        self.server.parameters = parameters
+
+    def _prune(self, metrics: MetricsLog, server_round: int) -> None:
+        """FedPhD's structured pruning of the global model, done once at the cloud."""
+        model = self.model
+        if server_round > 0:  # after sparse training: prune the trained global model
+            load_ndarrays(model, codec.decode(self.server.parameters))
+        report = prune_unet(model, self.cfg.pruning.ratio)
+        self._install(to_pruned_model(model))
+        metrics.write({"tier": "pruning", "round": server_round,
+                       "ratio": self.cfg.pruning.ratio, **report.to_dict()})
+        log.info("cloud: pruned at ratio %s: %d -> %d parameters, %d -> %d MACs",
+                 self.cfg.pruning.ratio, report.params_before, report.params_after,
+                 report.macs_before, report.macs_after)
+
     def run(self) -> int:
         cfg = self.cfg
         seed_everything(cfg.seed)
         device = setup_torch(cfg.training)
-        model = build_unet(unet_config(cfg.model), seed=cfg.seed)
-        arch_json = architecture_to_json(architecture_of(model))
-        initial = ndarrays_to_parameters(model_to_ndarrays(model))
-        strategy = self._strategy(arch_json, initial)
-        meter, client_manager = TrafficMeter(), SimpleClientManager()
-        grpc_server = start_flower_server(self.listen, client_manager, meter)
-        server = new_server(strategy, client_manager)
-        server.parameters = initial
+        pruning = cfg.pruning
+        sparse = pruning.group_lasso if pruning.enabled and pruning.sparse_rounds > 0 else 0.0
+        self._install(build_unet(unet_config(cfg.model), seed=cfg.seed), group_lasso=sparse)
+        grpc_server = start_flower_server(self.listen, self.client_manager, self.meter)
         peers = "clients" if self.flat else "edges"
         log.info(
             "cloud: %d-parameter U-Net, %s on %s, waiting for %d %s",
-            count_parameters(model), strategy.inner.__class__.__name__, self.listen,
+            count_parameters(self.model), self.strategy.inner.__class__.__name__, self.listen,
             self.expected_peers, peers,
         )
         metrics = MetricsLog(self.out / METRICS_FILE)
         try:
+            if pruning.enabled and pruning.sparse_rounds == 0:
+                self._prune(metrics, 0)
             if not wait_for_clients(
-                client_manager, self.expected_peers, cfg.topology.connect_timeout
+                self.client_manager, self.expected_peers, cfg.topology.connect_timeout
             ):
                 log.error(
                     "cloud: only %d of %d %s connected within topology.connect_timeout = %s s",
-                    client_manager.num_available(), self.expected_peers, peers,
+                    self.client_manager.num_available(), self.expected_peers, peers,
                     cfg.topology.connect_timeout,
                 )
                 return 1
-            self._train(server, strategy, meter, metrics)
-            load_ndarrays(model, codec.decode(server.parameters))
-            self._finish(model.to(device), meter)
+            self._train(metrics)
+            load_ndarrays(self.model, codec.decode(self.server.parameters))
+            self._finish(self.model.to(device), self.meter)
         finally:
             metrics.close()
-            disconnect_all(client_manager)
+            disconnect_all(self.client_manager)
             grpc_server.stop(grace=2).wait(5)
         return 0
 
-    def _train(self, server, strategy: ManagedStrategy, meter: TrafficMeter, metrics: MetricsLog):
+    def _train(self, metrics: MetricsLog) -> None:
         cumulative: dict[str, int] = {}
         rounds = self.cfg.topology.cloud_rounds
+        pruning = self.cfg.pruning
+        # With sparse training, pruning follows the last group-lasso round.
+        prune_at = pruning.sparse_rounds + 1 if pruning.enabled and pruning.sparse_rounds else 0
         bar = progress_bar(rounds, "cloud rounds", self.cfg.output.progress)
         for server_round in range(1, rounds + 1):
+            if server_round == prune_at:
+                self._prune(metrics, server_round - 1)
             outcome = run_fit_round(
-                server, strategy, meter, server_round, self.cfg.topology.round_timeout
+                self.server, self.strategy, self.meter, server_round,
+                self.cfg.topology.round_timeout,
             )
             for edge_metrics in outcome.summary.metrics:
                 for record in json.loads(str(edge_metrics.get("edge_log", "[]"))):

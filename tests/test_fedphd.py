@@ -1,0 +1,104 @@
+"""FedPhD's homogeneity, cloud weights and client-to-edge selection."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from common import codec
+from server.fedphd import FedPhD, cloud_weights, select_edges, statistical_homogeneity
+from tests.test_strategy import FakeProxy
+
+PAIRS = [[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]]
+
+
+def pair_hists(clients: int, size: int) -> dict[int, list[int]]:
+    """FedPhD's CIFAR-10 split: client c holds classes PAIRS[c mod 5], size/2 of each."""
+    hists = {}
+    for c in range(clients):
+        hist = [0] * 10
+        for k in PAIRS[c % 5]:
+            hist[k] = size // 2
+        hists[c] = hist
+    return hists
+
+
+def test_sh_by_hand():
+    assert statistical_homogeneity([5, 5, 5, 5]) == pytest.approx(2.0)
+    # One class of four: p - u = (3/4, -1/4, -1/4, -1/4), norm = sqrt(12)/4.
+    assert statistical_homogeneity([7, 0, 0, 0]) == pytest.approx(2 - math.sqrt(12) / 4)
+    # Two classes of ten, as a FedPhD client: norm = sqrt(2 * 0.4^2 + 8 * 0.1^2).
+    assert statistical_homogeneity(pair_hists(1, 10)[0]) == pytest.approx(
+        2 - math.sqrt(2 * 0.16 + 8 * 0.01)
+    )
+    with pytest.raises(ValueError, match="empty"):
+        statistical_homogeneity([0, 0])
+
+
+def test_cloud_weights_by_hand():
+    balanced, skewed = [10, 10], [20, 0]
+    a, b = 100.0, -100.0
+    raw = [30 + a * 2.0 + b, 20 + a * (2 - math.sqrt(0.5)) + b]
+    weights = cloud_weights([30, 20], [balanced, skewed], a, b)
+    assert weights == pytest.approx([raw[0] / sum(raw), raw[1] / sum(raw)])
+    # max(0, .) clips a negative weight to zero.
+    assert cloud_weights([1, 1], [balanced, skewed], 1.0, -2.3) == [1.0, 0.0]
+    # All clipped: uniform rather than a division by zero.
+    assert cloud_weights([1, 1], [balanced, skewed], 0.0, -5.0) == [0.5, 0.5]
+
+
+def min_edge_sh(assignment: dict[int, str], hists, edges) -> float:
+    per_edge = []
+    for edge in edges:
+        members = [hists[c] for c, e in assignment.items() if e == edge]
+        per_edge.append(statistical_homogeneity(np.sum(members, axis=0)) if members else 0.0)
+    return min(per_edge)
+
+
+def test_selection_balances_label_distributions_across_edges():
+    """Measured over 200 draws on the paper's split: FedPhD's rule leaves the worst edge
+    more balanced than a uniformly random assignment does."""
+    hists, edges = pair_hists(20, 2500), ["edge-a:1", "edge-b:2"]
+    fedphd, greedy, random = [], [], []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        fedphd.append(min_edge_sh(select_edges(hists, edges, "fedphd", 1e4, rng), hists, edges))
+        greedy.append(min_edge_sh(select_edges(hists, edges, "greedy", 1e4, rng), hists, edges))
+        uniform = {c: edges[int(rng.integers(2))] for c in hists}
+        random.append(min_edge_sh(uniform, hists, edges))
+    assert np.mean(fedphd) > np.mean(random) + 0.01
+    assert np.mean(greedy) > np.mean(random) + 0.01
+    # Every client is placed exactly once, on a known edge.
+    assignment = select_edges(hists, edges, "fedphd", 1e4, np.random.default_rng(0))
+    assert sorted(assignment) == list(range(20)) and set(assignment.values()) <= set(edges)
+
+
+def test_selection_is_reproducible_in_the_seed():
+    hists, edges = pair_hists(10, 100), ["a", "b", "c"]
+    first = select_edges(hists, edges, "fedphd", 500.0, np.random.default_rng(3))
+    again = select_edges(hists, edges, "fedphd", 500.0, np.random.default_rng(3))
+    assert first == again
+
+
+def test_aggregation_weights_edges_by_homogeneity():
+    strategy = FedPhD(sh_weight=100.0, sh_bias=0.0, selection="static")
+    balanced = [np.full(3, 1.0, np.float32)]
+    skewed = [np.full(3, 5.0, np.float32)]
+
+    def answer(edge_id, arrays, hist):
+        from common.transport import FitRes, ok_status
+
+        metrics = {"edge_id": edge_id, "label_hist": json.dumps(hist)}
+        return FakeProxy(str(edge_id)), FitRes(ok_status(), codec.encode(arrays, "fp32"),
+                                               10, metrics)
+
+    params, metrics = strategy.aggregate_fit(
+        1, [answer(0, balanced, [5, 5]), answer(1, skewed, [10, 0])], []
+    )
+    w0, w1 = cloud_weights([10, 10], [[5, 5], [10, 0]], 100.0, 0.0)
+    assert np.allclose(codec.decode(params)[0], w0 * 1.0 + w1 * 5.0)
+    assert w0 > w1  # the balanced edge counts more, although both sent 10 samples
+    assert json.loads(metrics["cloud_weights"]) == pytest.approx({"0": w0, "1": w1})
