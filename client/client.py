@@ -40,6 +40,7 @@ from common.models import (
 from common.partition import label_histogram, partition
 from common.pruning import group_lasso_penalty
 from common.runtime import seed_everything, setup_torch
+from common.strategy import RECEIVED_DIGEST_KEY
 from common.topology import server_address_of_client
 from common.transport import (
     Client,
@@ -158,6 +159,7 @@ class DiffusionClient(Client):
             self._rebuild(arch_json)
         trainer = self.trainer
         load_ndarrays(trainer.model, codec.decode(ins.parameters))
+        received_digest = codec.digest(model_to_ndarrays(trainer.model))
         lr = float(ins.config.get(LR_KEY, self.cfg.training.lr))
         trainer.lr_schedule.base_lrs = [lr for _ in trainer.lr_schedule.base_lrs]
         steps = int(ins.config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))
@@ -180,6 +182,7 @@ class DiffusionClient(Client):
                 "loss": float(np.mean(losses)),
                 "label_hist": json.dumps(self.data.label_hist),
                 "bytes_received": received,
+                RECEIVED_DIGEST_KEY: received_digest,
                 "payload_bytes": codec.payload_bytes(out),
                 "train_seconds": seconds,
                 "steps": steps,

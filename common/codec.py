@@ -8,6 +8,8 @@ refuses anything it does not know. Tensors are serialised by Flower's
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from common.transport import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
@@ -45,6 +47,16 @@ def decode(parameters: Parameters) -> list[np.ndarray]:
     except (ValueError, EOFError, OSError) as error:  # np.load: pickled objects, truncation
         raise CodecError(f"malformed tensor payload: {error}") from None
     return [a.astype(np.float32) if a.dtype == np.float16 else a for a in arrays]
+
+
+def digest(arrays: list[np.ndarray]) -> str:
+    """SHA-256 of a model state (dtypes, shapes and values): equal digests = same model."""
+    sha = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        sha.update(f"{array.dtype.str}{array.shape}".encode())
+        sha.update(array.tobytes())
+    return sha.hexdigest()
 
 
 def payload_bytes(parameters: Parameters) -> int:

@@ -43,6 +43,7 @@ log = logging.getLogger("fedphd.strategy")
 ARCH_KEY = "fedphd.arch"
 ROUND_KEY = "fedphd.round"
 UPLINK_KEY = "fedphd.uplink"
+RECEIVED_DIGEST_KEY = "received_digest"
 
 
 def import_object(dotted: str, field_name: str) -> Any:
@@ -140,6 +141,10 @@ class RoundSummary:
     # Sizes the senders measured on their side: instruction bytes received, tensor bytes sent.
     reported_received: int = 0
     reported_payload: int = 0
+    # Receivers that reported the digest of the model they rebuilt, and those whose digest
+    # differed from what was sent.
+    digests_checked: int = 0
+    digest_mismatches: list[str] = field(default_factory=list)
 
 
 def add_histograms(first: list[int], second: list[int]) -> list[int]:
@@ -189,6 +194,7 @@ class ManagedStrategy(Strategy):
         self.uplink = uplink
         self.last_round = RoundSummary()
         self._reference: list[np.ndarray] = []
+        self.sent_digest = ""
 
     def __repr__(self) -> str:
         return f"ManagedStrategy({self.inner!r}, downlink={self.downlink}, uplink={self.uplink})"
@@ -201,6 +207,8 @@ class ManagedStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._reference = codec.decode(parameters)
         wire = codec.encode(self._reference, self.downlink)
+        # What a receiver must reconstruct; it reports the digest of the model it rebuilt.
+        self.sent_digest = codec.digest(codec.decode(wire))
         extra = {**self.instruction, ROUND_KEY: server_round, UPLINK_KEY: self.uplink}
         return [
             (proxy, FitIns(parameters=wire, config={**ins.config, **extra}))
@@ -235,6 +243,15 @@ class ManagedStrategy(Strategy):
             log.warning("round %d: an answer failed: %r", server_round, failure)
         summary = summarise([res for _, res in accepted])
         summary.senders = [sender_name(proxy, res) for proxy, res in accepted]
+        reported = [(proxy, res) for proxy, res in accepted if RECEIVED_DIGEST_KEY in res.metrics]
+        summary.digests_checked = len(reported)
+        summary.digest_mismatches = [
+            sender_name(proxy, res) for proxy, res in reported
+            if res.metrics[RECEIVED_DIGEST_KEY] != self.sent_digest
+        ]
+        if summary.digest_mismatches:
+            log.error("round %d: %s rebuilt a model that differs from the one sent",
+                      server_round, summary.digest_mismatches)
         summary.rejected = rejected
         summary.failures = len(failures) + len(rejected)
         self.last_round = summary

@@ -31,6 +31,7 @@ from common.instructions import (
 from common.rounds import run_fit_round
 from common.runtime import seed_everything
 from common.strategy import (
+    RECEIVED_DIGEST_KEY,
     ManagedStrategy,
     add_histograms,
     build_strategy,
@@ -194,7 +195,8 @@ class EdgeAggregator(Client):
         if ASSIGNMENT_KEY in ins.config:
             self._apply_assignment(str(ins.config[ASSIGNMENT_KEY]))
         edge_rounds = int(ins.config.get(EDGE_ROUNDS_KEY, self.cfg.topology.edge_rounds))
-        global_parameters = ndarrays_to_parameters(codec.decode(ins.parameters))
+        global_arrays = codec.decode(ins.parameters)
+        global_parameters = ndarrays_to_parameters(global_arrays)
         strategy = self._edge_strategy(
             global_parameters, str(ins.config[ARCH_KEY]),
             float(ins.config.get(GROUP_LASSO_KEY, 0.0)),
@@ -225,6 +227,8 @@ class EdgeAggregator(Client):
                         "edge->client": outcome.traffic.down,
                         "client->edge": outcome.traffic.up,
                     },
+                    "digests_checked": summary.digests_checked,
+                    "digest_mismatches": summary.digest_mismatches,
                     "reported_by_clients": {
                         "received": summary.reported_received,
                         "payload": summary.reported_payload,
@@ -252,6 +256,7 @@ class EdgeAggregator(Client):
                 "bytes_down": sum(r["bytes"]["edge->client"] for r in records),
                 "bytes_up": sum(r["bytes"]["client->edge"] for r in records),
                 "bytes_received": received,
+                RECEIVED_DIGEST_KEY: codec.digest(global_arrays),
                 "payload_bytes": codec.payload_bytes(payload),
             },
         )

@@ -225,6 +225,8 @@ class CloudServer:
                 "bytes": per_link,
                 "bytes_cumulative": dict(cumulative),
                 "strategy": {k: _maybe_json(v) for k, v in outcome.strategy_metrics.items()},
+                "digests_checked": outcome.summary.digests_checked,
+                "digest_mismatches": outcome.summary.digest_mismatches,
                 "reported_by_peers": {
                     "received": outcome.summary.reported_received,
                     "payload": outcome.summary.reported_payload,

@@ -57,6 +57,8 @@ def test_hierarchical_run_two_edges_four_clients(tmp_path, ports):
                    for r in mine)
     # Metered bytes equal what the other end measured of the same messages.
     for r in edge:
+        # Every client rebuilt exactly the model the edge sent (digest of its loaded state).
+        assert r["digests_checked"] == 2 and r["digest_mismatches"] == []
         assert r["bytes"]["edge->client"] == r["reported_by_clients"]["received"]
         up, payload = r["bytes"]["client->edge"], r["reported_by_clients"]["payload"]
         assert payload <= up <= payload + 4096

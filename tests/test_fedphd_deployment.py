@@ -39,12 +39,16 @@ def test_fedphd_prunes_reassigns_and_weights_edges(tmp_path, ports):
         per_client = r["bytes"]["edge->client"] / len(r["clients"])
         assert 4 * pruning[0]["params_after"] < per_client < 4 * pruning[0]["params_after"] + 65536
         assert per_client < 0.6 * 4 * pruning[0]["params_before"]
+        # Each client rebuilt the pruned architecture from JSON and loaded the weights
+        # bit-exactly: the digest of its model equals the digest of what the edge sent.
+        assert r["digests_checked"] == len(r["clients"]) and r["digest_mismatches"] == []
 
     cloud = [r for r in records if r["tier"] == "cloud"]
     addresses = {f"127.0.0.1:{ports['edges'] + e}": e for e in range(2)}
     moved = 0
     previous = None
     for r in cloud:
+        assert r["digests_checked"] == 2 and r["digest_mismatches"] == []  # both edges
         assignment = {int(c): a for c, a in r["strategy"]["assignment"].items()}
         assert sorted(assignment) == list(range(6))  # every client placed exactly once
         weights = r["strategy"]["cloud_weights"]

@@ -106,6 +106,19 @@ def test_bad_updates_are_dropped_with_the_sender_named(bad, reason, caplog):
     assert "client 7" in caplog.text
 
 
+def test_receivers_digest_of_the_rebuilt_model_is_checked():
+    strategy, manager = managed(downlink="fp16")
+    strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)
+    honest, corrupted = answer(0, MODEL), answer(1, MODEL)
+    received = codec.decode(codec.encode(MODEL, "fp16"))
+    honest[1].metrics["received_digest"] = codec.digest(received)
+    received[0] = received[0] + 1e-3
+    corrupted[1].metrics["received_digest"] = codec.digest(received)
+    strategy.aggregate_fit(1, [honest, corrupted, answer(2, MODEL)], [])
+    assert strategy.last_round.digests_checked == 2
+    assert strategy.last_round.digest_mismatches == ["client 1"]
+
+
 def test_unknown_codec_is_rejected():
     strategy, manager = managed()
     strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)
