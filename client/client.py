@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from client.fedprox import PROXIMAL_MU_KEY, proximal_loss
 from common import codec
 from common.cli import add_config_args, config_from_args
 from common.config import ConfigError, RunConfig
@@ -120,6 +121,21 @@ class DiffusionClient(Client):
         )
         self.arch_json = arch_json
 
+    def _regulariser(self, config: dict):
+        """Extra local loss terms the server asked for, anchored at the weights just loaded:
+        FedProx's proximal term and FedPhD's group lasso (sparse rounds)."""
+        terms = []
+        mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
+        if mu > 0:
+            log.info("client %d: proximal term, mu = %g", self.client_id, mu)
+            terms.append(proximal_loss(self.trainer.model, mu))
+        lam = float(config.get(GROUP_LASSO_KEY, 0.0))
+        if lam > 0:
+            terms.append(lambda model: group_lasso_penalty(model, lam))
+        if not terms:
+            return None
+        return lambda model: sum(term(model) for term in terms)
+
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
         if MOVE_KEY in ins.config:
             self.move_to = str(ins.config[MOVE_KEY])
@@ -163,10 +179,8 @@ class DiffusionClient(Client):
         lr = float(ins.config.get(LR_KEY, self.cfg.training.lr))
         trainer.lr_schedule.base_lrs = [lr for _ in trainer.lr_schedule.base_lrs]
         steps = int(ins.config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))
-        lam = float(ins.config.get(GROUP_LASSO_KEY, 0.0))
-        penalty = (lambda model: group_lasso_penalty(model, lam)) if lam > 0 else None
         start = time.perf_counter()
-        losses = trainer.train(self.batches, steps, extra_loss=penalty)
+        losses = trainer.train(self.batches, steps, extra_loss=self._regulariser(ins.config))
         seconds = time.perf_counter() - start
         uplink = str(ins.config.get(UPLINK_KEY, "fp32"))
         out = codec.encode(model_to_ndarrays(trainer.model), uplink)
