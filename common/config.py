@@ -162,9 +162,22 @@ class CodecConfig(_Section):
 class EvaluationConfig(_Section):
     """Sample quality checks during and after training."""
 
-    every_cloud_rounds: int = Field(0, ge=0, description="0 = only at the end")
-    num_samples: int = Field(64, ge=1, description="generated images per evaluation")
+    every_cloud_rounds: int = Field(
+        0, ge=0, description="evaluate at the cloud every N cloud rounds (0 = not during training)"
+    )
+    final: bool = Field(True, description="evaluate the final model at the end of a run")
+    num_samples: int = Field(64, ge=2, description="generated images per evaluation")
     batch_size: int = Field(64, ge=1, description="images per sampling batch")
+    sampling_steps: int | None = Field(
+        None, ge=1, description="DDIM steps for evaluation (default: diffusion.sampling_steps)"
+    )
+    fid_weights: str | None = Field(
+        None, description="pytorch-fid Inception weights file (default: torch hub's cache)"
+    )
+    cache_dir: str | None = Field(
+        None, description="cache of real-data statistics (default ~/.cache/fedphd/evaluation)"
+    )
+    max_real_images: int = Field(50_000, ge=2, description="real images in the statistics")
 
 
 class OutputConfig(_Section):

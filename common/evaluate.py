@@ -23,7 +23,6 @@ from common.cli import add_config_args, config_from_args
 from common.config import RunConfig
 from common.diffusion import load_model, sample_images
 from common.metrics import (
-    DEFAULT_MAX_REAL,
     FrechetDistanceError,
     InceptionWeightsUnavailable,
     Reference,
@@ -65,7 +64,7 @@ def evaluate_model(
     seed: int | None = None,
     inception_weights: str | Path | None = None,
     cache_dir: str | Path | None = None,
-    max_real_images: int = DEFAULT_MAX_REAL,
+    max_real_images: int | None = None,
     show_progress: bool | None = None,
 ) -> dict[str, Any]:
     """Sample ``num_samples`` images with DDIM and score them against the real training set.
@@ -83,9 +82,12 @@ def evaluate_model(
     from the model.
     """
     start = time.perf_counter()
-    weights, unavailable = _fid_weights(inception_weights, device)
-    count = num_samples or cfg.evaluation.num_samples
-    steps = steps or cfg.diffusion.sampling_steps
+    evaluation = cfg.evaluation
+    weights, unavailable = _fid_weights(inception_weights or evaluation.fid_weights, device)
+    count = num_samples or evaluation.num_samples
+    steps = steps or evaluation.sampling_steps or cfg.diffusion.sampling_steps
+    cache_dir = cache_dir or evaluation.cache_dir
+    max_real_images = max_real_images or evaluation.max_real_images
     seed = cfg.seed if seed is None else seed
     progress = cfg.output.progress if show_progress is None else show_progress
     batch_size = cfg.evaluation.batch_size
@@ -158,8 +160,18 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """``--config``, else the ``config.toml`` of the run folder the model sits in, else the
+    packaged default: scoring a CIFAR-10 model against digits would be silently wrong."""
+    run_config = Path(args.model).parent / "config.toml"
+    if args.config is None and run_config.is_file():
+        args.config = str(run_config)
+        print(f"fedphd evaluate: using the run's configuration {run_config}", file=sys.stderr)
+    return config_from_args(args)
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = _run_config(args)
     device = setup_torch(cfg.training, args.device)
     try:
         model, noise_scheduler = load_model(args.model)
@@ -184,7 +196,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "feature space, offline) and FID (pytorch-fid Inception; needs its weights file).",
     )
     add_config_args(parser)
-    parser.add_argument("--model", required=True, metavar="DIR", help="saved model folder")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="saved model folder; without --config, the config.toml next to "
+                        "it (a run folder's) is used when present")
     parser.add_argument("--n", type=_count(2), metavar="N",
                         help="generated images, at least 2 (default: evaluation.num_samples)")
     parser.add_argument("--steps", type=_count(1),
@@ -197,8 +211,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache-dir", metavar="DIR",
                         help=f"real-data statistics and classifier cache (default: "
                         f"{default_cache_dir()})")
-    parser.add_argument("--max-real", type=_count(2), default=DEFAULT_MAX_REAL, metavar="N",
+    parser.add_argument("--max-real", type=_count(2), default=None, metavar="N",
                         help="real training images the statistics use, a fixed random subset "
-                        f"when there are more (default {DEFAULT_MAX_REAL})")
+                        "when there are more (default: evaluation.max_real_images)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)

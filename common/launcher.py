@@ -129,10 +129,23 @@ def last_lines(path: Path | None, count: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-count:])
 
 
+def quality_lines(evals: list[dict]) -> list[str]:
+    """The last evaluation of a run, labelled for what it is."""
+    if not evals:
+        return []
+    last = evals[-1]
+    line = (f"- final fd_classifier: {last['fd_classifier']:.4g} (Fréchet distance in the "
+            "feature space of a classifier trained on the real data; not FID)")
+    if "fid" in last:
+        line += f"; FID: {last['fid']:.4g}"
+    return [line]
+
+
 def write_summary(cfg: RunConfig, out: Path, seconds: float) -> Path:
     """A short Markdown summary of a finished run."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     cloud = [r for r in records if r.get("tier") == "cloud"]
+    evals = [r for r in records if r.get("tier") == "eval"]
     totals = cloud[-1]["bytes_cumulative"] if cloud else {}
     lines = [
         f"# Run {cfg.name}",
@@ -143,6 +156,7 @@ def write_summary(cfg: RunConfig, out: Path, seconds: float) -> Path:
         f"- strategies: cloud {cfg.topology.cloud_strategy}, edge {cfg.topology.edge_strategy}",
         f"- wall time: {seconds:.0f} s",
         f"- final loss: {cloud[-1]['loss'] if cloud else 'n/a'}",
+        *quality_lines(evals),
         "",
         "| round | loss | " + " | ".join(totals) + " |",
         "|---|---|" + "---|" * len(totals),
@@ -156,6 +170,13 @@ def write_summary(cfg: RunConfig, out: Path, seconds: float) -> Path:
     path = out / "summary.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def record_wall_time(path: Path, seconds: float) -> None:
+    """Add the run's wall time to the cloud's summary.json."""
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary["wall_seconds"] = round(seconds, 1)
+    path.write_text(json.dumps(summary, indent=2))
 
 
 def launch(cfg: RunConfig, out: Path, timeout: float) -> int:
@@ -189,7 +210,9 @@ def launch(cfg: RunConfig, out: Path, timeout: float) -> int:
             return 1
         # Edges and clients leave once the cloud has disconnected them.
         deployment.wait_all(timeout=30)
-        summary = write_summary(cfg, out, time.monotonic() - start)
+        seconds = time.monotonic() - start
+        record_wall_time(out / "summary.json", seconds)
+        summary = write_summary(cfg, out, seconds)
         print(f"run finished in {time.monotonic() - start:.0f} s: {summary}")
         print(f"model: {out / 'model'}  samples: {out / 'samples.png'}  "
               f"metrics: {metrics_path}")

@@ -64,7 +64,7 @@ FID_WEIGHTS_FILE = os.path.basename(urlparse(FID_WEIGHTS_URL).path)
 FID_DIMS = 2048
 DEFAULT_MAX_REAL = 50_000  # real images per statistic, the usual FID reference size
 CLASSIFIER_SEED = 0  # fixed, so every run on a data set is scored by the same classifier
-CLASSIFIER_EPOCHS = 5
+CLASSIFIER_EPOCHS = 10
 CLASSIFIER_FEATURES = 64
 
 Stats = tuple[np.ndarray, np.ndarray]
@@ -141,7 +141,7 @@ class Reference:
     max_images: int = DEFAULT_MAX_REAL
 
     def cache_path(self, kind: str, suffix: str, **identity: object) -> Path:
-        """``<cache_dir>/<kind>-<dataset>-<size>px-<C>ch-<hash>.<suffix>``; the hash covers
+        """``<cache_dir>/<kind>-<dataset>-<size>px-<C>ch-<hash><suffix>``; the hash covers
         everything that changes the cached content (``identity`` adds metric settings)."""
         key: dict[str, object] = {
             "version": CACHE_VERSION, "kind": kind, "dataset": self.data.dataset,
@@ -499,7 +499,7 @@ def train_feature_classifier(
     seed: int = CLASSIFIER_SEED,
     epochs: int = CLASSIFIER_EPOCHS,
     batch_size: int = 64,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     device: torch.device | str = "cpu",
     show_progress: bool = False,
 ) -> FeatureClassifier:

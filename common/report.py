@@ -25,6 +25,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from common.cli import add_config_args
+
 METRICS_FILE = "metrics.jsonl"
 # Hierarchical links first, then flat mode's, in the order a message travels.
 LINK_ORDER = ("cloud->edge", "edge->cloud", "edge->client", "client->edge",
@@ -403,6 +405,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "folders and write report.md with loss, sample-quality and cumulative-bytes plots; "
         "several runs are compared on the same axes.",
     )
+    add_config_args(parser)  # like every sub-command; each run's own config.toml is what counts
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders of `fedphd launch`")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="folder for report.md and the PNG plots")

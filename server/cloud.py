@@ -21,7 +21,8 @@ from diffusers import UNet2DModel
 from common import codec
 from common.cli import add_config_args, config_from_args
 from common.config import RunConfig
-from common.diffusion import sample_images, save_model
+from common.diffusion import make_noise_scheduler, sample_images, save_model
+from common.evaluate import evaluate_model
 from common.images import save_grid
 from common.instructions import EDGE_ROUNDS_KEY, GROUP_LASSO_KEY, client_instruction
 from common.models import (
@@ -159,7 +160,7 @@ class CloudServer:
     def run(self) -> int:
         cfg = self.cfg
         seed_everything(cfg.seed)
-        device = setup_torch(cfg.training)
+        device = self.device = setup_torch(cfg.training)
         pruning = cfg.pruning
         sparse = pruning.group_lasso if pruning.enabled and pruning.sparse_rounds > 0 else 0.0
         self._install(build_unet(unet_config(cfg.model), seed=cfg.seed), group_lasso=sparse)
@@ -234,9 +235,26 @@ class CloudServer:
             }
             metrics.write(record)
             log.info("cloud round %d: loss %s, bytes %s", server_round, record["loss"], per_link)
+            if self._evaluates_after(server_round):
+                self._evaluate(metrics, server_round)
             bar.update(1)
             bar.set_postfix(loss=f"{outcome.summary.loss or float('nan'):.4f}")
         bar.close()
+
+    def _evaluates_after(self, server_round: int) -> bool:
+        evaluation = self.cfg.evaluation
+        every = evaluation.every_cloud_rounds
+        last = server_round == self.cfg.topology.cloud_rounds
+        return (every > 0 and server_round % every == 0) or (last and evaluation.final)
+
+    def _evaluate(self, metrics: MetricsLog, server_round: int) -> None:
+        """Sample quality of the current global model: an ``eval`` line in metrics.jsonl."""
+        load_ndarrays(self.model, codec.decode(self.server.parameters))
+        result = evaluate_model(self.model, make_noise_scheduler(self.cfg.diffusion), self.cfg,
+                                self.device, show_progress=False)
+        metrics.write({"tier": "eval", "round": server_round, **result})
+        log.info("cloud round %d: fd_classifier %.4g%s", server_round, result["fd_classifier"],
+                 f", fid {result['fid']:.4g}" if "fid" in result else "")
 
     def _finish(self, model, meter: TrafficMeter) -> None:
         cfg = self.cfg

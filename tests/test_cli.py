@@ -4,7 +4,8 @@ from PIL import Image
 
 from tests.conftest import fedphd
 
-SUBCOMMANDS = ["cloud", "edge", "client", "launch", "train", "sample", "prune"]
+SUBCOMMANDS = ["cloud", "edge", "client", "launch", "train", "sample", "prune", "evaluate",
+               "report"]
 
 
 def test_help_lists_every_subcommand_and_each_explains_its_options():

@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 
 # Small but real: 16x16 U-Net, a few local steps, short sampling.
 FAST = ["--set", "training.local_steps=3", "--set", "diffusion.sampling_steps=2",
-        "--set", "output.grid_samples=4", "--set", "topology.connect_timeout=120"]
+        "--set", "output.grid_samples=4", "--set", "topology.connect_timeout=120",
+        "--set", "evaluation.final=false"]
+EVALUATE = ["--set", "evaluation.final=true", "--set", "evaluation.num_samples=8",
+            "--set", "evaluation.sampling_steps=2"]
 
 
 def launch(out: Path, ports, *overrides: str, env=None):
@@ -42,7 +45,8 @@ def assert_model_trained(out: Path, overrides: list[str]) -> None:
 def test_hierarchical_run_two_edges_four_clients(tmp_path, ports):
     out = tmp_path / "run"
     records = launch(out, ports, "--set", "topology.edges=2", "--set", "topology.clients=4",
-                     "--set", "topology.cloud_rounds=2", "--set", "topology.edge_rounds=2")
+                     "--set", "topology.cloud_rounds=2", "--set", "topology.edge_rounds=2",
+                     *EVALUATE)
     assert_model_trained(out, [])
     cloud = [r for r in records if r["tier"] == "cloud"]
     edge = [r for r in records if r["tier"] == "edge"]
@@ -75,6 +79,25 @@ def test_hierarchical_run_two_edges_four_clients(tmp_path, ports):
     totals = cloud[-1]["bytes_cumulative"]
     assert totals["cloud->edge"] == sum(r["bytes"]["cloud->edge"] for r in cloud)
     assert (out / "summary.md").read_text().startswith("# Run")
+    assert json.loads((out / "summary.json").read_text())["wall_seconds"] > 0
+
+    # The cloud evaluated the final model; FID needs Inception weights this machine lacks.
+    (evaluation,) = [r for r in records if r["tier"] == "eval"]
+    assert evaluation["round"] == 2 and evaluation["num_samples"] == 8
+    assert np.isfinite(evaluation["fd_classifier"]) and "fid_unavailable" in evaluation
+
+    # `fedphd evaluate --json` and `fedphd report` work on the real run folder.
+    result = fedphd("evaluate", "--model", str(out / "model"), "--json", "--n", "8",
+                    "--steps", "2", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert np.isfinite(json.loads(result.stdout)["fd_classifier"])
+    report = tmp_path / "report"
+    result = fedphd("report", str(out), "--out", str(report), timeout=300)
+    assert result.returncode == 0, result.stderr
+    text = (report / "report.md").read_text()
+    assert "fd_classifier" in text or "FD" in text
+    for plot in ("loss.png", "bytes.png", "quality.png"):
+        assert (report / plot).stat().st_size > 1000
 
 
 def test_flat_mode_three_clients_with_flower_fedadam(tmp_path, ports):
