@@ -29,7 +29,6 @@ from common.instructions import (
     LOCAL_STEPS_KEY,
     LR_KEY,
     MOVE_KEY,
-    UPLINK_KEY,
 )
 from common.models import (
     architecture_from_json,
@@ -40,8 +39,9 @@ from common.models import (
 )
 from common.partition import label_histogram, partition
 from common.pruning import group_lasso_penalty
+from common.quantization import ErrorFeedback
 from common.runtime import seed_everything, setup_torch
-from common.strategy import RECEIVED_DIGEST_KEY
+from common.strategy import RECEIVED_DIGEST_KEY, encode_reply
 from common.topology import server_address_of_client
 from common.transport import (
     Client,
@@ -100,6 +100,8 @@ class DiffusionClient(Client):
         self.device = device
         self.arch_json: str | None = None
         self.move_to: str | None = None  # set when a server re-assigns this client
+        self.feedback = ErrorFeedback()  # quantised uplinks: residuals of this client only
+        self.rng = np.random.default_rng([cfg.seed, client_id])
         self.trainer: DiffusionTrainer | None = None
         self.batches = None
 
@@ -175,15 +177,16 @@ class DiffusionClient(Client):
             self._rebuild(arch_json)
         trainer = self.trainer
         load_ndarrays(trainer.model, codec.decode(ins.parameters))
-        received_digest = codec.digest(model_to_ndarrays(trainer.model))
+        reference = model_to_ndarrays(trainer.model)  # as received: the base of the update
+        received_digest = codec.digest(reference)
         lr = float(ins.config.get(LR_KEY, self.cfg.training.lr))
         trainer.lr_schedule.base_lrs = [lr for _ in trainer.lr_schedule.base_lrs]
         steps = int(ins.config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))
         start = time.perf_counter()
         losses = trainer.train(self.batches, steps, extra_loss=self._regulariser(ins.config))
         seconds = time.perf_counter() - start
-        uplink = str(ins.config.get(UPLINK_KEY, "fp32"))
-        out = codec.encode(model_to_ndarrays(trainer.model), uplink)
+        out = encode_reply(model_to_ndarrays(trainer.model), reference, ins.config,
+                           self.feedback, self.rng)
         log.info(
             "client %d: %d steps in %.1f s, loss %.4f", self.client_id, steps, seconds,
             float(np.mean(losses)),

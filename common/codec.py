@@ -12,31 +12,65 @@ import hashlib
 
 import numpy as np
 
+from common.quantization import ErrorFeedback, dequantize_all, quantize_all
 from common.transport import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 
 FP32 = "numpy.ndarray"  # Flower's own tensor type name, so plain Flower peers understand it
 FP16 = "fedphd.fp16"
+Q8 = "fedphd.q8-delta"
+Q4 = "fedphd.q4-delta"
 
-_TENSOR_TYPES = {"fp32": FP32, "fp16": FP16}
+_TENSOR_TYPES = {"fp32": FP32, "fp16": FP16, "q8": Q8, "q4": Q4}
+_BITS = {Q8: 8, Q4: 4}
 
 
 class CodecError(ValueError):
     """A payload that cannot be decoded (unknown codec, malformed tensor)."""
 
 
-def encode(arrays: list[np.ndarray], codec: str) -> Parameters:
-    """Encode float32 state tensors with ``codec`` (``fp32`` or ``fp16``)."""
+def encode(
+    arrays: list[np.ndarray],
+    codec: str,
+    *,
+    reference: list[np.ndarray] | None = None,
+    per_channel: bool = True,
+    rng: np.random.Generator | None = None,
+    feedback: ErrorFeedback | None = None,
+) -> Parameters:
+    """Encode float32 state tensors with ``codec``.
+
+    ``fp32`` and ``fp16`` send the weights. ``q8`` and ``q4`` (FedDM-quant) send the update
+    ``Δ = w - reference`` quantised to 8 or 4 bits with stochastic (unbiased) rounding, per
+    output channel or per tensor; the receiver holds ``reference`` (the model it sent) and
+    rebuilds ``w = reference + Q(Δ)``. With ``feedback`` (error feedback), what quantisation
+    dropped this round is added to the next round's update.
+    """
     if codec not in _TENSOR_TYPES:
         raise CodecError(f"unknown codec {codec!r}; allowed: {sorted(_TENSOR_TYPES)}")
-    if codec == "fp16":
+    tensor_type = _TENSOR_TYPES[codec]
+    if tensor_type in _BITS:
+        if reference is None:
+            raise CodecError(f"codec {codec!r} encodes updates and needs the reference model")
+        deltas = _deltas(arrays, reference)
+        rng = rng if rng is not None else np.random.default_rng()
+        bits = _BITS[tensor_type]
+        arrays = (
+            feedback.quantize(deltas, bits, per_channel=per_channel, rng=rng)
+            if feedback is not None
+            else quantize_all(deltas, bits, per_channel, rng)
+        )
+    elif codec == "fp16":
         arrays = [a.astype(np.float16) if a.dtype == np.float32 else a for a in arrays]
     parameters = ndarrays_to_parameters(arrays)
-    parameters.tensor_type = _TENSOR_TYPES[codec]
+    parameters.tensor_type = tensor_type
     return parameters
 
 
-def decode(parameters: Parameters) -> list[np.ndarray]:
-    """Decode a payload made by :func:`encode` into float32 arrays (ints stay ints)."""
+def decode(parameters: Parameters, reference: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Decode a payload made by :func:`encode` into float32 arrays (ints stay ints).
+
+    Quantised updates need ``reference``, the model the sender started from.
+    """
     if parameters.tensor_type not in _TENSOR_TYPES.values():
         raise CodecError(
             f"unknown tensor type {parameters.tensor_type!r}; "
@@ -46,7 +80,33 @@ def decode(parameters: Parameters) -> list[np.ndarray]:
         arrays = parameters_to_ndarrays(parameters)
     except (ValueError, EOFError, OSError) as error:  # np.load: pickled objects, truncation
         raise CodecError(f"malformed tensor payload: {error}") from None
+    if parameters.tensor_type in _BITS:
+        if reference is None:
+            raise CodecError(f"{parameters.tensor_type} carries an update: no reference model")
+        try:
+            deltas = dequantize_all(arrays)
+        except ValueError as error:
+            raise CodecError(f"malformed quantised update: {error}") from None
+        return _apply(reference, deltas)
     return [a.astype(np.float32) if a.dtype == np.float16 else a for a in arrays]
+
+
+def _deltas(arrays: list[np.ndarray], reference: list[np.ndarray]) -> list[np.ndarray]:
+    if len(arrays) != len(reference):
+        raise CodecError(f"{len(arrays)} tensors but a {len(reference)}-tensor reference")
+    # Integer buffers are not updates: they travel as they are (quantize passes ints through).
+    return [a - r if a.dtype.kind == "f" else a for a, r in zip(arrays, reference, strict=True)]
+
+
+def _apply(reference: list[np.ndarray], deltas: list[np.ndarray]) -> list[np.ndarray]:
+    if len(deltas) != len(reference):
+        raise CodecError(f"update has {len(deltas)} tensors, the model {len(reference)}")
+    out = []
+    for index, (ref, delta) in enumerate(zip(reference, deltas, strict=True)):
+        if delta.shape != ref.shape:
+            raise CodecError(f"update tensor {index} has shape {delta.shape}, model {ref.shape}")
+        out.append((ref + delta).astype(ref.dtype) if ref.dtype.kind == "f" else delta)
+    return out
 
 
 def digest(arrays: list[np.ndarray]) -> str:

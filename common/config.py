@@ -156,7 +156,11 @@ class CodecConfig(_Section):
     """How model tensors are encoded on each direction of every link."""
 
     downlink: Literal["fp32", "fp16"] = Field("fp32", description="server to client tensors")
-    uplink: Literal["fp32", "fp16"] = Field("fp32", description="client to server tensors")
+    uplink: Literal["fp32", "fp16", "q8", "q4"] = Field(
+        "fp32", description="client to server: weights (fp32, fp16) or quantised updates (q8, q4)"
+    )
+    per_channel: bool = Field(True, description="q8/q4: one scale per output channel")
+    error_feedback: bool = Field(True, description="q8/q4: carry what rounding dropped forward")
 
 
 class EvaluationConfig(_Section):

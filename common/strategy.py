@@ -26,7 +26,8 @@ import numpy as np
 from flwr.server.strategy import Strategy
 
 from common import codec
-from common.config import ConfigError
+from common.config import CodecConfig, ConfigError
+from common.quantization import ErrorFeedback
 from common.transport import (
     ClientManager,
     ClientProxy,
@@ -43,6 +44,8 @@ log = logging.getLogger("fedphd.strategy")
 ARCH_KEY = "fedphd.arch"
 ROUND_KEY = "fedphd.round"
 UPLINK_KEY = "fedphd.uplink"
+PER_CHANNEL_KEY = "fedphd.per_channel"
+ERROR_FEEDBACK_KEY = "fedphd.error_feedback"
 RECEIVED_DIGEST_KEY = "received_digest"
 
 
@@ -76,6 +79,26 @@ def build_strategy(
         raise ConfigError(
             f"{field_name} = {dotted!r} rejected its arguments {sorted(kwargs)}: {error}"
         ) from None
+
+
+def encode_reply(
+    arrays: list[np.ndarray],
+    reference: list[np.ndarray],
+    config: dict[str, Scalar],
+    feedback: ErrorFeedback,
+    rng: np.random.Generator,
+) -> Parameters:
+    """Encode an answer with the uplink codec the instruction names (update vs ``reference``,
+    the model the sender received, for the quantised codecs)."""
+    use_feedback = bool(config.get(ERROR_FEEDBACK_KEY, True))
+    return codec.encode(
+        arrays,
+        str(config.get(UPLINK_KEY, "fp32")),
+        reference=reference,
+        per_channel=bool(config.get(PER_CHANNEL_KEY, True)),
+        rng=rng,
+        feedback=feedback if use_feedback else None,
+    )
 
 
 def client_strategy_defaults(
@@ -186,15 +209,28 @@ class ManagedStrategy(Strategy):
         instruction: dict[str, Scalar],
         downlink: str = "fp32",
         uplink: str = "fp32",
+        per_channel: bool = True,
+        error_feedback: bool = True,
     ) -> None:
         super().__init__()
         self.inner = inner
-        self.instruction = dict(instruction)
+        self.instruction = {
+            **instruction, PER_CHANNEL_KEY: per_channel, ERROR_FEEDBACK_KEY: error_feedback
+        }
         self.downlink = downlink
         self.uplink = uplink
         self.last_round = RoundSummary()
         self._reference: list[np.ndarray] = []
+        self._sent: list[np.ndarray] = []  # the model receivers rebuild (their update base)
         self.sent_digest = ""
+
+    @classmethod
+    def with_codecs(
+        cls, inner: Strategy, instruction: dict[str, Scalar], codecs: CodecConfig
+    ) -> ManagedStrategy:
+        """Wrap ``inner`` with the run's ``[codec]`` settings."""
+        return cls(inner, instruction, downlink=codecs.downlink, uplink=codecs.uplink,
+                   per_channel=codecs.per_channel, error_feedback=codecs.error_feedback)
 
     def __repr__(self) -> str:
         return f"ManagedStrategy({self.inner!r}, downlink={self.downlink}, uplink={self.uplink})"
@@ -208,7 +244,8 @@ class ManagedStrategy(Strategy):
         self._reference = codec.decode(parameters)
         wire = codec.encode(self._reference, self.downlink)
         # What a receiver must reconstruct; it reports the digest of the model it rebuilt.
-        self.sent_digest = codec.digest(codec.decode(wire))
+        self._sent = codec.decode(wire)
+        self.sent_digest = codec.digest(self._sent)
         extra = {**self.instruction, ROUND_KEY: server_round, UPLINK_KEY: self.uplink}
         return [
             (proxy, FitIns(parameters=wire, config={**ins.config, **extra}))
@@ -226,7 +263,7 @@ class ManagedStrategy(Strategy):
         for proxy, res in results:
             name = sender_name(proxy, res)
             try:
-                arrays = codec.decode(res.parameters)
+                arrays = codec.decode(res.parameters, reference=self._sent)
                 check_update(arrays, self._reference)
             except ValueError as error:
                 log.warning("round %d: rejected the update of %s: %s", server_round, name, error)

@@ -15,6 +15,8 @@ import json
 import logging
 import time
 
+import numpy as np
+
 from common import codec
 from common.cli import add_config_args, config_from_args
 from common.config import RunConfig
@@ -25,9 +27,9 @@ from common.instructions import (
     GROUP_LASSO_KEY,
     MOVE_KEY,
     ROUND_KEY,
-    UPLINK_KEY,
     client_instruction,
 )
+from common.quantization import ErrorFeedback
 from common.rounds import run_fit_round
 from common.runtime import seed_everything
 from common.strategy import (
@@ -36,6 +38,7 @@ from common.strategy import (
     add_histograms,
     build_strategy,
     client_strategy_defaults,
+    encode_reply,
 )
 from common.topology import clients_of_edge, cloud_address, edge_address
 from common.transport import (
@@ -79,6 +82,8 @@ class EdgeAggregator(Client):
         self.advertise = advertise or listen
         self._client_ids: dict[str, int] = {}  # Flower connection id -> client id
         self._client_hists: dict[int, list[int]] = {}
+        self.feedback = ErrorFeedback()  # quantised uplink to the cloud
+        self.rng = np.random.default_rng([cfg.seed, 100 + edge_id])
         self.meter = TrafficMeter()
         self.client_manager = SimpleClientManager()
         self.expected_clients = len(clients_of_edge(edge_id, cfg.topology))
@@ -168,11 +173,8 @@ class EdgeAggregator(Client):
             ),
             "topology.edge_strategy",
         )
-        return ManagedStrategy(
-            inner,
-            client_instruction(self.cfg, arch_json, group_lasso),
-            downlink=self.cfg.codec.downlink,
-            uplink=self.cfg.codec.uplink,
+        return ManagedStrategy.with_codecs(
+            inner, client_instruction(self.cfg, arch_json, group_lasso), self.cfg.codec
         )
 
     def _wait_for_clients(self) -> None:
@@ -241,9 +243,8 @@ class EdgeAggregator(Client):
         if last is None:
             raise RuntimeError(f"none of the {edge_rounds} edge rounds produced an aggregate")
         log.info("edge %d: cloud round %d done, loss %s", self.edge_id, cloud_round, last.loss)
-        payload = codec.encode(
-            codec.decode(server.parameters), str(ins.config.get(UPLINK_KEY, "fp32"))
-        )
+        payload = encode_reply(codec.decode(server.parameters), global_arrays, ins.config,
+                               self.feedback, self.rng)
         return fit_res(
             payload,
             # n_e: samples of the edge's latest round (FedPhD's cloud weighting uses it).

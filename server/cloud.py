@@ -127,9 +127,7 @@ class CloudServer:
             topology.cloud_strategy, topology.cloud_strategy_args, defaults,
             "topology.cloud_strategy",
         )
-        return ManagedStrategy(
-            inner, instruction, downlink=self.cfg.codec.downlink, uplink=self.cfg.codec.uplink
-        )
+        return ManagedStrategy.with_codecs(inner, instruction, self.cfg.codec)
 
     def _install(self, model: UNet2DModel, group_lasso: float = 0.0) -> None:
         """Make ``model`` the global model: its architecture travels with every instruction.
