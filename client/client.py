@@ -41,7 +41,7 @@ from common.partition import label_histogram, partition
 from common.pruning import group_lasso_penalty
 from common.quantization import ErrorFeedback
 from common.runtime import seed_everything, setup_torch
-from common.strategy import RECEIVED_DIGEST_KEY, encode_reply
+from common.strategy import RECEIVED_DIGEST_KEY, HeldModel, encode_reply
 from common.topology import server_address_of_client
 from common.transport import (
     Client,
@@ -101,6 +101,7 @@ class DiffusionClient(Client):
         self.arch_json: str | None = None
         self.move_to: str | None = None  # set when a server re-assigns this client
         self.feedback = ErrorFeedback()  # quantised uplinks: residuals of this client only
+        self.held = HeldModel()  # quantised downlinks are updates from this model
         self.rng = np.random.default_rng([cfg.seed, client_id])
         self.trainer: DiffusionTrainer | None = None
         self.batches = None
@@ -176,9 +177,9 @@ class DiffusionClient(Client):
         if arch_json != self.arch_json:
             self._rebuild(arch_json)
         trainer = self.trainer
-        load_ndarrays(trainer.model, codec.decode(ins.parameters))
+        load_ndarrays(trainer.model, self.held.decode(ins.parameters, ins.config))
         reference = model_to_ndarrays(trainer.model)  # as received: the base of the update
-        received_digest = codec.digest(reference)
+        received_digest = self.held.keep(reference)
         lr = float(ins.config.get(LR_KEY, self.cfg.training.lr))
         trainer.lr_schedule.base_lrs = [lr for _ in trainer.lr_schedule.base_lrs]
         steps = int(ins.config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))

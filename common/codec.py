@@ -91,6 +91,11 @@ def decode(parameters: Parameters, reference: list[np.ndarray] | None = None) ->
     return [a.astype(np.float32) if a.dtype == np.float16 else a for a in arrays]
 
 
+def is_update_codec(codec: str) -> bool:
+    """Codecs that send ``w - reference`` and need the receiver to hold ``reference``."""
+    return _TENSOR_TYPES.get(codec) in _BITS
+
+
 def _deltas(arrays: list[np.ndarray], reference: list[np.ndarray]) -> list[np.ndarray]:
     if len(arrays) != len(reference):
         raise CodecError(f"{len(arrays)} tensors but a {len(reference)}-tensor reference")

@@ -155,7 +155,10 @@ class PruningConfig(_Section):
 class CodecConfig(_Section):
     """How model tensors are encoded on each direction of every link."""
 
-    downlink: Literal["fp32", "fp16"] = Field("fp32", description="server to client tensors")
+    downlink: Literal["fp32", "fp16", "q8", "q4"] = Field(
+        "fp32", description="server to client: weights (fp32, fp16) or quantised updates from "
+        "the model the receiver holds (q8, q4; full fp32 the first time)"
+    )
     uplink: Literal["fp32", "fp16", "q8", "q4"] = Field(
         "fp32", description="client to server: weights (fp32, fp16) or quantised updates (q8, q4)"
     )

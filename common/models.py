@@ -99,8 +99,12 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def model_to_ndarrays(model: torch.nn.Module) -> list[np.ndarray]:
-    """All state tensors in ``state_dict`` order, as numpy arrays (the wire order)."""
-    return [t.detach().cpu().numpy() for t in model.state_dict().values()]
+    """Copies of all state tensors in ``state_dict`` order (the wire order).
+
+    Copies, not views: a CPU tensor's ``.numpy()`` shares memory with the parameter, so a
+    snapshot taken before training would silently follow the training.
+    """
+    return [t.detach().cpu().numpy().copy() for t in model.state_dict().values()]
 
 
 def load_ndarrays(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:

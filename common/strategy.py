@@ -46,6 +46,7 @@ ROUND_KEY = "fedphd.round"
 UPLINK_KEY = "fedphd.uplink"
 PER_CHANNEL_KEY = "fedphd.per_channel"
 ERROR_FEEDBACK_KEY = "fedphd.error_feedback"
+BASE_DIGEST_KEY = "fedphd.base_digest"  # a quantised downlink is an update from this model
 RECEIVED_DIGEST_KEY = "received_digest"
 
 
@@ -79,6 +80,28 @@ def build_strategy(
         raise ConfigError(
             f"{field_name} = {dotted!r} rejected its arguments {sorted(kwargs)}: {error}"
         ) from None
+
+
+class HeldModel:
+    """A receiver's copy of the last model it was sent: the base of quantised downlinks."""
+
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray] | None = None
+        self.digest = ""
+
+    def decode(self, parameters: Parameters, config: dict[str, Scalar]) -> list[np.ndarray]:
+        """Decode an instruction's weights; an update must be from the model held here."""
+        base_digest = config.get(BASE_DIGEST_KEY)
+        if base_digest is None:
+            return codec.decode(parameters)
+        if self.arrays is None or base_digest != self.digest:
+            raise ValueError("the server sent an update from a model this receiver does not hold")
+        return codec.decode(parameters, reference=self.arrays)
+
+    def keep(self, arrays: list[np.ndarray]) -> str:
+        """Remember ``arrays`` (as loaded) and return their digest."""
+        self.arrays, self.digest = arrays, codec.digest(arrays)
+        return self.digest
 
 
 def encode_reply(
@@ -150,6 +173,18 @@ def check_update(arrays: list[np.ndarray], reference: list[np.ndarray]) -> None:
             raise ValueError(f"tensor {index} holds NaN or Inf")
 
 
+@dataclass(frozen=True)
+class Rebuilt:
+    """A model as a receiver rebuilds it from a payload, with its digest (computed once)."""
+
+    arrays: list[np.ndarray]
+    digest: str
+
+    @classmethod
+    def of(cls, arrays: list[np.ndarray]) -> Rebuilt:
+        return cls(arrays, codec.digest(arrays))
+
+
 @dataclass
 class RoundSummary:
     """What the driver records about one fit round."""
@@ -211,6 +246,7 @@ class ManagedStrategy(Strategy):
         uplink: str = "fp32",
         per_channel: bool = True,
         error_feedback: bool = True,
+        held: dict[str, Rebuilt] | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -221,16 +257,24 @@ class ManagedStrategy(Strategy):
         self.uplink = uplink
         self.last_round = RoundSummary()
         self._reference: list[np.ndarray] = []
-        self._sent: list[np.ndarray] = []  # the model receivers rebuild (their update base)
-        self.sent_digest = ""
+        # Per connection: the model a receiver rebuilt this round, and the one it holds.
+        self._pending: dict[str, Rebuilt] = {}
+        # Shared by a driver that rebuilds its strategy but keeps its connections (an edge).
+        self._held: dict[str, Rebuilt] = held if held is not None else {}
+        self._wire_cache: dict[str, tuple[Parameters, Rebuilt]] = {}
 
     @classmethod
     def with_codecs(
-        cls, inner: Strategy, instruction: dict[str, Scalar], codecs: CodecConfig
+        cls,
+        inner: Strategy,
+        instruction: dict[str, Scalar],
+        codecs: CodecConfig,
+        held: dict[str, Rebuilt] | None = None,
     ) -> ManagedStrategy:
         """Wrap ``inner`` with the run's ``[codec]`` settings."""
         return cls(inner, instruction, downlink=codecs.downlink, uplink=codecs.uplink,
-                   per_channel=codecs.per_channel, error_feedback=codecs.error_feedback)
+                   per_channel=codecs.per_channel, error_feedback=codecs.error_feedback,
+                   held=held)
 
     def __repr__(self) -> str:
         return f"ManagedStrategy({self.inner!r}, downlink={self.downlink}, uplink={self.uplink})"
@@ -242,15 +286,52 @@ class ManagedStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._reference = codec.decode(parameters)
-        wire = codec.encode(self._reference, self.downlink)
-        # What a receiver must reconstruct; it reports the digest of the model it rebuilt.
-        self._sent = codec.decode(wire)
-        self.sent_digest = codec.digest(self._sent)
+        self._forget_departed(client_manager)
+        rng = np.random.default_rng([server_round, len(self._held)])
         extra = {**self.instruction, ROUND_KEY: server_round, UPLINK_KEY: self.uplink}
-        return [
-            (proxy, FitIns(parameters=wire, config={**ins.config, **extra}))
-            for proxy, ins in self.inner.configure_fit(server_round, parameters, client_manager)
-        ]
+        instructions, self._pending = [], {}
+        for proxy, ins in self.inner.configure_fit(server_round, parameters, client_manager):
+            wire, config, rebuilt = self._downlink_for(proxy.cid, rng)
+            # What this receiver rebuilds: the base of its update and of its digest check.
+            self._pending[proxy.cid] = rebuilt
+            instructions.append(
+                (proxy, FitIns(parameters=wire, config={**ins.config, **extra, **config}))
+            )
+        return instructions
+
+    def _downlink_for(
+        self, cid: str, rng: np.random.Generator
+    ) -> tuple[Parameters, dict[str, Scalar], Rebuilt]:
+        """The global model for one receiver with the downlink codec.
+
+        ``q8``/``q4`` send ``Q(w_global - w_held)``, the update from the model that receiver
+        holds (what it rebuilt last time, tracked per connection); a receiver with no known
+        model gets full fp32 weights. The error never accumulates: each update is taken from
+        the receiver's actual model, not from the previous global one.
+        """
+        held = self._held.get(cid)
+        if held is not None and [a.shape for a in held.arrays] != [
+            a.shape for a in self._reference
+        ]:
+            held = None  # the architecture changed (pruning): start from full weights
+        if held is None or not codec.is_update_codec(self.downlink):
+            # The same weights for every such receiver: encoded and hashed once per round.
+            name = "fp32" if codec.is_update_codec(self.downlink) else self.downlink
+            if name not in self._wire_cache:
+                wire = codec.encode(self._reference, name)
+                self._wire_cache[name] = (wire, Rebuilt.of(codec.decode(wire)))
+            wire, rebuilt = self._wire_cache[name]
+            return wire, {}, rebuilt
+        wire = codec.encode(self._reference, self.downlink, reference=held.arrays,
+                            per_channel=bool(self.instruction[PER_CHANNEL_KEY]), rng=rng)
+        rebuilt = Rebuilt.of(codec.decode(wire, reference=held.arrays))
+        return wire, {BASE_DIGEST_KEY: held.digest}, rebuilt
+
+    def _forget_departed(self, client_manager: ClientManager) -> None:
+        connected = set(client_manager.all())
+        for cid in [cid for cid in self._held if cid not in connected]:
+            del self._held[cid]  # in place: the dict may be shared with the driver
+        self._wire_cache = {}
 
     def aggregate_fit(
         self,
@@ -263,7 +344,8 @@ class ManagedStrategy(Strategy):
         for proxy, res in results:
             name = sender_name(proxy, res)
             try:
-                arrays = codec.decode(res.parameters, reference=self._sent)
+                base = self._pending.get(proxy.cid)
+                arrays = codec.decode(res.parameters, reference=base and base.arrays)
                 check_update(arrays, self._reference)
             except ValueError as error:
                 log.warning("round %d: rejected the update of %s: %s", server_round, name, error)
@@ -280,11 +362,12 @@ class ManagedStrategy(Strategy):
             log.warning("round %d: an answer failed: %r", server_round, failure)
         summary = summarise([res for _, res in accepted])
         summary.senders = [sender_name(proxy, res) for proxy, res in accepted]
+        self._remember_held(accepted, results, failures)
         reported = [(proxy, res) for proxy, res in accepted if RECEIVED_DIGEST_KEY in res.metrics]
         summary.digests_checked = len(reported)
         summary.digest_mismatches = [
             sender_name(proxy, res) for proxy, res in reported
-            if res.metrics[RECEIVED_DIGEST_KEY] != self.sent_digest
+            if res.metrics[RECEIVED_DIGEST_KEY] != self._pending[proxy.cid].digest
         ]
         if summary.digest_mismatches:
             log.error("round %d: %s rebuilt a model that differs from the one sent",
@@ -299,6 +382,17 @@ class ManagedStrategy(Strategy):
         if parameters is None:
             return None, metrics
         return self._as_model_dtypes(server_round, parameters), metrics
+
+    def _remember_held(self, accepted, results, failures) -> None:
+        """Receivers that answered hold what they were sent; of the others nothing is known."""
+        for proxy, _ in results:
+            self._held.pop(proxy.cid, None)
+        for failure in failures:
+            if isinstance(failure, tuple):
+                self._held.pop(failure[0].cid, None)
+        for proxy, res in accepted:
+            if res.metrics.get(RECEIVED_DIGEST_KEY) == self._pending[proxy.cid].digest:
+                self._held[proxy.cid] = self._pending[proxy.cid]
 
     def _as_model_dtypes(self, server_round: int, parameters: Parameters) -> Parameters | None:
         """Keep the global model in the model's own dtypes (numpy maths in e.g. FedAdam

@@ -34,6 +34,7 @@ from common.rounds import run_fit_round
 from common.runtime import seed_everything
 from common.strategy import (
     RECEIVED_DIGEST_KEY,
+    HeldModel,
     ManagedStrategy,
     add_histograms,
     build_strategy,
@@ -83,6 +84,10 @@ class EdgeAggregator(Client):
         self._client_ids: dict[str, int] = {}  # Flower connection id -> client id
         self._client_hists: dict[int, list[int]] = {}
         self.feedback = ErrorFeedback()  # quantised uplink to the cloud
+        self.held = HeldModel()  # the last global model: base of quantised downlinks
+        # What each connected client holds, kept across cloud rounds (per-round strategies).
+        self._client_models: dict = {}
+        self._client_models_arch = ""
         self.rng = np.random.default_rng([cfg.seed, 100 + edge_id])
         self.meter = TrafficMeter()
         self.client_manager = SimpleClientManager()
@@ -173,8 +178,11 @@ class EdgeAggregator(Client):
             ),
             "topology.edge_strategy",
         )
+        if arch_json != self._client_models_arch:  # pruned: what clients held is moot
+            self._client_models, self._client_models_arch = {}, arch_json
         return ManagedStrategy.with_codecs(
-            inner, client_instruction(self.cfg, arch_json, group_lasso), self.cfg.codec
+            inner, client_instruction(self.cfg, arch_json, group_lasso), self.cfg.codec,
+            held=self._client_models,
         )
 
     def _wait_for_clients(self) -> None:
@@ -197,7 +205,8 @@ class EdgeAggregator(Client):
         if ASSIGNMENT_KEY in ins.config:
             self._apply_assignment(str(ins.config[ASSIGNMENT_KEY]))
         edge_rounds = int(ins.config.get(EDGE_ROUNDS_KEY, self.cfg.topology.edge_rounds))
-        global_arrays = codec.decode(ins.parameters)
+        global_arrays = self.held.decode(ins.parameters, ins.config)
+        received_digest = self.held.keep(global_arrays)
         global_parameters = ndarrays_to_parameters(global_arrays)
         strategy = self._edge_strategy(
             global_parameters, str(ins.config[ARCH_KEY]),
@@ -257,7 +266,7 @@ class EdgeAggregator(Client):
                 "bytes_down": sum(r["bytes"]["edge->client"] for r in records),
                 "bytes_up": sum(r["bytes"]["client->edge"] for r in records),
                 "bytes_received": received,
-                RECEIVED_DIGEST_KEY: codec.digest(global_arrays),
+                RECEIVED_DIGEST_KEY: received_digest,
                 "payload_bytes": codec.payload_bytes(payload),
             },
         )

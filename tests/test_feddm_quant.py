@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_deployment import launch
+from tests.conftest import TESTS_DIR
+from tests.test_deployment import assert_model_trained, launch
 
 pytestmark = pytest.mark.slow
 
@@ -25,3 +26,19 @@ def test_quantised_uplinks_shrink_the_traffic_and_training_goes_on(tmp_path, por
         assert r["bytes"]["edge->cloud"] <= 0.28 * r["bytes"]["cloud->edge"]
         assert r["model_updated"]
     assert cloud[-1]["loss"] < edges[0]["loss"]
+    assert_model_trained(out, [])  # the quantised updates really moved the global model
+
+
+@pytest.mark.parametrize(("bits", "limit"), [(8, 0.28), (4, 0.155)])
+def test_feddm_quant_configs_quantise_both_directions(tmp_path, ports, bits, limit):
+    out = tmp_path / f"q{bits}"
+    config = TESTS_DIR.parent / "configs" / f"feddm-quant{bits}-digits.toml"
+    records = launch(out, ports, "--config", str(config), "--set", "topology.cloud_rounds=3")
+    cloud = [r for r in records if r["tier"] == "cloud"]
+    assert all(r["model_updated"] and r["digest_mismatches"] == [] for r in cloud)
+    assert all(r["digests_checked"] == 5 for r in cloud)
+    full = cloud[0]["bytes"]["cloud->client"]  # round 1: clients hold nothing, fp32 weights
+    for r in cloud[1:]:  # then updates from the model each client holds
+        assert r["bytes"]["cloud->client"] <= limit * full
+    for r in cloud:
+        assert r["bytes"]["client->cloud"] <= limit * full

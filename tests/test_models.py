@@ -53,6 +53,14 @@ def test_seeded_initialisation_is_reproducible():
     assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
+def test_exported_arrays_are_snapshots_not_views():
+    model = build_unet(unet_config(ModelConfig()), seed=0)
+    before = model_to_ndarrays(model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert not np.array_equal(before[0], model_to_ndarrays(model)[0])
+
+
 def test_loading_refuses_wrong_count_and_shape():
     model = build_unet(unet_config(ModelConfig()))
     arrays = model_to_ndarrays(model)

@@ -148,3 +148,37 @@ def test_build_strategy_errors_name_the_field():
     with pytest.raises(ConfigError, match="rejected its arguments"):
         build_strategy("flwr.server.strategy.FedAvg", {"no_such_arg": 1}, {},
                        "topology.cloud_strategy")
+
+
+def test_quantised_downlink_sends_updates_from_what_each_receiver_holds():
+    from common.strategy import BASE_DIGEST_KEY, HeldModel
+
+    rng = np.random.default_rng(0)
+    model = [rng.normal(size=(64, 64, 3, 3)).astype(np.float32), np.zeros(64, np.float32)]
+    strategy = ManagedStrategy(FedAvg(min_available_clients=1, min_fit_clients=1),
+                               {ARCH_KEY: "{}"}, downlink="q8", uplink="fp32")
+    manager = SimpleClientManager()
+    manager.register(FakeProxy("0"))
+    receiver = HeldModel()
+
+    def exchange(global_arrays, server_round):
+        (proxy, ins), = strategy.configure_fit(server_round, ndarrays_to_parameters(global_arrays),
+                                               manager)
+        arrays = receiver.decode(ins.parameters, ins.config)
+        metrics = {"client_id": 0, "received_digest": receiver.keep(arrays)}
+        strategy.aggregate_fit(server_round, [(proxy, FitRes(ok_status(), codec.encode(
+            arrays, "fp32"), 1, metrics))], [])
+        return ins, arrays
+
+    first, got = exchange(model, 1)
+    assert BASE_DIGEST_KEY not in first.config  # nothing held yet: full weights
+    assert all(np.array_equal(a, b) for a, b in zip(got, model, strict=True))
+    moved = [m + 0.01 for m in model]
+    second, got = exchange(moved, 2)
+    assert second.config[BASE_DIGEST_KEY] == codec.digest(model)
+    assert codec.payload_bytes(second.parameters) < 0.3 * codec.payload_bytes(first.parameters)
+    assert np.max(np.abs(got[0] - moved[0])) < 1e-3  # within one 8-bit step of the update
+    assert strategy.last_round.digest_mismatches == []
+    # A receiver that does not hold the base refuses the update instead of corrupting itself.
+    with pytest.raises(ValueError, match="does not hold"):
+        HeldModel().decode(second.parameters, second.config)
