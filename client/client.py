@@ -18,6 +18,9 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from client.fedprox import PROXIMAL_MU_KEY, proximal_loss
+from client.moon import MU_KEY as MOON_MU_KEY
+from client.moon import TAU_KEY as MOON_TAU_KEY
+from client.moon import MoonTerm, frozen_copy
 from common import codec
 from common.cli import add_config_args, config_from_args
 from common.config import ConfigError, RunConfig
@@ -102,6 +105,7 @@ class DiffusionClient(Client):
         self.move_to: str | None = None  # set when a server re-assigns this client
         self.feedback = ErrorFeedback()  # quantised uplinks: residuals of this client only
         self.held = HeldModel()  # quantised downlinks are updates from this model
+        self.previous_local: list[np.ndarray] | None = None  # MOON's previous local model
         self.rng = np.random.default_rng([cfg.seed, client_id])
         self.trainer: DiffusionTrainer | None = None
         self.batches = None
@@ -124,20 +128,37 @@ class DiffusionClient(Client):
         )
         self.arch_json = arch_json
 
-    def _regulariser(self, config: dict):
+    def _regularisers(self, config: dict) -> list:
         """Extra local loss terms the server asked for, anchored at the weights just loaded:
-        FedProx's proximal term and FedPhD's group lasso (sparse rounds)."""
+        FedProx's proximal term, FedPhD's group lasso (sparse rounds), MOON's contrastive
+        term."""
+        model = self.trainer.model
         terms = []
         mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
         if mu > 0:
             log.info("client %d: proximal term, mu = %g", self.client_id, mu)
-            terms.append(proximal_loss(self.trainer.model, mu))
+            terms.append(proximal_loss(model, mu))
         lam = float(config.get(GROUP_LASSO_KEY, 0.0))
         if lam > 0:
-            terms.append(lambda model: group_lasso_penalty(model, lam))
-        if not terms:
-            return None
-        return lambda model: sum(term(model) for term in terms)
+            terms.append(lambda current: group_lasso_penalty(current, lam))
+        moon_mu = float(config.get(MOON_MU_KEY, 0.0))
+        if moon_mu > 0:
+            log.info("client %d: MOON term, mu = %g", self.client_id, moon_mu)
+            terms.append(self._moon_term(moon_mu, float(config.get(MOON_TAU_KEY, 0.5))))
+        return terms
+
+    def _moon_term(self, mu: float, tau: float) -> MoonTerm:
+        """Global model = the weights just loaded; previous = this client's last local model
+        (the global one on its first round or after the architecture changed)."""
+        model = self.trainer.model
+        global_model = frozen_copy(model)
+        previous_model = frozen_copy(model)
+        previous = self.previous_local
+        if previous is not None and [a.shape for a in previous] == [
+            a.shape for a in model_to_ndarrays(model)
+        ]:
+            load_ndarrays(previous_model, previous)
+        return MoonTerm(model, global_model, previous_model, mu, tau)
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
         if MOVE_KEY in ins.config:
@@ -184,7 +205,17 @@ class DiffusionClient(Client):
         trainer.lr_schedule.base_lrs = [lr for _ in trainer.lr_schedule.base_lrs]
         steps = int(ins.config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))
         start = time.perf_counter()
-        losses = trainer.train(self.batches, steps, extra_loss=self._regulariser(ins.config))
+        terms = self._regularisers(ins.config)
+        try:
+            losses = trainer.train(
+                self.batches, steps,
+                extra_loss=(lambda model: sum(term(model) for term in terms)) if terms else None,
+            )
+        finally:
+            for term in terms:
+                if isinstance(term, MoonTerm):
+                    term.close()
+                    self.previous_local = model_to_ndarrays(trainer.model)
         seconds = time.perf_counter() - start
         out = encode_reply(model_to_ndarrays(trainer.model), reference, ins.config,
                            self.feedback, self.rng)
