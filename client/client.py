@@ -21,6 +21,7 @@ from client.fedprox import PROXIMAL_MU_KEY, proximal_loss
 from client.moon import MU_KEY as MOON_MU_KEY
 from client.moon import TAU_KEY as MOON_TAU_KEY
 from client.moon import MoonTerm, frozen_copy
+from client.scaffold import ScaffoldCorrection, parameter_count
 from common import codec
 from common.cli import add_config_args, config_from_args
 from common.config import ConfigError, RunConfig
@@ -28,10 +29,12 @@ from common.data import load_dataset
 from common.diffusion import DiffusionTrainer, endless_batches, make_noise_scheduler
 from common.instructions import (
     ARCH_KEY,
+    CONTROL_DELTA_KEY,
     GROUP_LASSO_KEY,
     LOCAL_STEPS_KEY,
     LR_KEY,
     MOVE_KEY,
+    SERVER_CONTROL_KEY,
 )
 from common.models import (
     architecture_from_json,
@@ -106,6 +109,7 @@ class DiffusionClient(Client):
         self.feedback = ErrorFeedback()  # quantised uplinks: residuals of this client only
         self.held = HeldModel()  # quantised downlinks are updates from this model
         self.previous_local: list[np.ndarray] | None = None  # MOON's previous local model
+        self.scaffold_c: np.ndarray | None = None  # SCAFFOLD's client control variate c_i
         self.rng = np.random.default_rng([cfg.seed, client_id])
         self.trainer: DiffusionTrainer | None = None
         self.batches = None
@@ -206,10 +210,12 @@ class DiffusionClient(Client):
         steps = int(ins.config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))
         start = time.perf_counter()
         terms = self._regularisers(ins.config)
+        scaffold = self._scaffold_correction(ins.config)
         try:
             losses = trainer.train(
                 self.batches, steps,
                 extra_loss=(lambda model: sum(term(model) for term in terms)) if terms else None,
+                gradient_hook=scaffold,
             )
         finally:
             for term in terms:
@@ -235,8 +241,27 @@ class DiffusionClient(Client):
                 "payload_bytes": codec.payload_bytes(out),
                 "train_seconds": seconds,
                 "steps": steps,
+                **self._scaffold_answer(scaffold),
             },
         )
+
+    def _scaffold_correction(self, config: dict) -> ScaffoldCorrection | None:
+        """SCAFFOLD's drift correction when the server sent its control variate."""
+        if SERVER_CONTROL_KEY not in config:
+            return None
+        model = self.trainer.model
+        size = parameter_count(model)
+        server_c = codec.vector_from_bytes(config[SERVER_CONTROL_KEY], size, "server control")
+        if self.scaffold_c is None or self.scaffold_c.shape != (size,):
+            self.scaffold_c = np.zeros(size, dtype=np.float32)  # first round or new architecture
+        return ScaffoldCorrection(model, server_c, self.scaffold_c)
+
+    def _scaffold_answer(self, scaffold: ScaffoldCorrection | None) -> dict:
+        if scaffold is None:
+            return {}
+        new_c = scaffold.new_client_control()
+        delta, self.scaffold_c = new_c - self.scaffold_c, new_c
+        return {CONTROL_DELTA_KEY: codec.vector_to_bytes(delta)}
 
 
 def run(args: argparse.Namespace) -> int:

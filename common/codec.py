@@ -9,6 +9,7 @@ refuses anything it does not know. Tensors are serialised by Flower's
 from __future__ import annotations
 
 import hashlib
+import io
 
 import numpy as np
 
@@ -112,6 +113,26 @@ def _apply(reference: list[np.ndarray], deltas: list[np.ndarray]) -> list[np.nda
             raise CodecError(f"update tensor {index} has shape {delta.shape}, model {ref.shape}")
         out.append((ref + delta).astype(ref.dtype) if ref.dtype.kind == "f" else delta)
     return out
+
+
+def vector_to_bytes(vector: np.ndarray) -> bytes:
+    """A float32 vector (e.g. a control variate) as ``np.save`` bytes for a config value."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def vector_from_bytes(blob: bytes, size: int, what: str) -> np.ndarray:
+    """A vector from the wire, refused unless it is finite float32 of length ``size``."""
+    try:
+        vector = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        raise ValueError(f"{what}: malformed vector: {error}") from None
+    if vector.dtype != np.float32 or vector.shape != (size,):
+        raise ValueError(f"{what}: expected float32[{size}], got {vector.dtype}{vector.shape}")
+    if not np.isfinite(vector).all():
+        raise ValueError(f"{what}: vector holds NaN or Inf")
+    return vector
 
 
 def digest(arrays: list[np.ndarray]) -> str:

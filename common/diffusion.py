@@ -87,13 +87,16 @@ class DiffusionTrainer:
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.steps_done = 0
 
-    def train_step(self, images: torch.Tensor, extra_loss=None) -> float:
-        """One optimiser step on a batch; ``extra_loss(model)`` adds a regulariser."""
+    def train_step(self, images: torch.Tensor, extra_loss=None, gradient_hook=None) -> float:
+        """One optimiser step on a batch; ``extra_loss(model)`` adds a regulariser and
+        ``gradient_hook(model)`` may read and correct the gradients before clipping."""
         self.model.train()
         loss = ddpm_loss(self.model, self.scheduler, images, self.generator)
         total = loss if extra_loss is None else loss + extra_loss(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if gradient_hook is not None:
+            gradient_hook(self.model)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.lr_schedule.step()
@@ -101,11 +104,12 @@ class DiffusionTrainer:
         return float(loss.detach())
 
     def train(
-        self, batches: Iterator[torch.Tensor], steps: int, progress=None, extra_loss=None
+        self, batches: Iterator[torch.Tensor], steps: int, progress=None, extra_loss=None,
+        gradient_hook=None,
     ) -> list[float]:
         losses = []
         for _ in range(steps):
-            losses.append(self.train_step(next(batches), extra_loss))
+            losses.append(self.train_step(next(batches), extra_loss, gradient_hook))
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -19,10 +19,15 @@ GROUP_LASSO_KEY = "fedphd.group_lasso"  # lambda of FedPhD's sparse training, 0 
 # Re-assignment: {client_id: edge address} from the cloud; an edge sends MOVE_KEY to a client.
 ASSIGNMENT_KEY = "fedphd.assignment"
 MOVE_KEY = "fedphd.move_to"
+# SCAFFOLD: the server control variate (instruction) and a client's update of its own (answer).
+SERVER_CONTROL_KEY = "scaffold_c"
+CONTROL_DELTA_KEY = "scaffold_delta_c"
 
 __all__ = [
     "ARCH_KEY",
     "ASSIGNMENT_KEY",
+    "CONTROL_DELTA_KEY",
+    "SERVER_CONTROL_KEY",
     "MOVE_KEY",
     "EDGE_ROUNDS_KEY",
     "GROUP_LASSO_KEY",
