@@ -222,7 +222,14 @@ def launch(cfg: RunConfig, out: Path, timeout: float) -> int:
         deployment.stop()
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    # SIGTERM (docker stop, a CI timeout, kill) would end Python without running `finally`,
+    # leaving the started processes behind; as an exception, the launcher stops them first.
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cfg = config_from_args(args)
     out = Path(args.out or cfg.output.dir)
     return launch(cfg, out, args.timeout)

@@ -138,3 +138,49 @@ def test_unknown_strategy_fails_at_start_naming_the_field(tmp_path, ports):
                     "--set", "topology.cloud_strategy=nowhere.Strategy", timeout=120)
     assert result.returncode == 2
     assert "topology.cloud_strategy" in result.stderr and "nowhere" in result.stderr
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line contains ``text`` (from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_launcher_stops_every_process_it_started_on_sigterm(tmp_path, ports):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "terminated"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "launch", "--out", str(out), *FAST,
+         *port_overrides(ports), "--set", "topology.cloud_rounds=50"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(processes_mentioning(str(out))) < 7 and time.monotonic() < deadline:
+            time.sleep(0.5)  # launcher + cloud + 2 edges + 4 clients
+        assert len(processes_mentioning(str(out))) >= 7
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) != 0
+        deadline = time.monotonic() + 30
+        while processes_mentioning(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert processes_mentioning(str(out)) == []
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
