@@ -18,8 +18,6 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from client.fedprox import PROXIMAL_MU_KEY, proximal_loss
-from client.moon import MU_KEY as MOON_MU_KEY
-from client.moon import TAU_KEY as MOON_TAU_KEY
 from client.moon import MoonTerm, frozen_copy
 from client.scaffold import ScaffoldCorrection, parameter_count
 from common import codec
@@ -33,6 +31,8 @@ from common.instructions import (
     GROUP_LASSO_KEY,
     LOCAL_STEPS_KEY,
     LR_KEY,
+    MOON_MU_KEY,
+    MOON_TAU_KEY,
     MOVE_KEY,
     SERVER_CONTROL_KEY,
 )

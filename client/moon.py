@@ -21,9 +21,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
-MU_KEY = "moon_mu"
-TAU_KEY = "moon_tau"
-
 
 def representation(features: torch.Tensor) -> torch.Tensor:
     """Spatial mean of bottleneck features: one vector per image."""

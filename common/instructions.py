@@ -22,11 +22,16 @@ MOVE_KEY = "fedphd.move_to"
 # SCAFFOLD: the server control variate (instruction) and a client's update of its own (answer).
 SERVER_CONTROL_KEY = "scaffold_c"
 CONTROL_DELTA_KEY = "scaffold_delta_c"
+# MOON: weight and temperature of the model-contrastive term.
+MOON_MU_KEY = "moon_mu"
+MOON_TAU_KEY = "moon_tau"
 
 __all__ = [
     "ARCH_KEY",
     "ASSIGNMENT_KEY",
     "CONTROL_DELTA_KEY",
+    "MOON_MU_KEY",
+    "MOON_TAU_KEY",
     "SERVER_CONTROL_KEY",
     "MOVE_KEY",
     "EDGE_ROUNDS_KEY",

@@ -124,6 +124,14 @@ def encode_reply(
     )
 
 
+def add_to_config(
+    instructions: list[tuple[ClientProxy, FitIns]], extra: dict[str, Scalar]
+) -> list[tuple[ClientProxy, FitIns]]:
+    """The same instructions with ``extra`` merged into every ``FitIns.config``."""
+    return [(proxy, FitIns(ins.parameters, {**ins.config, **extra}))
+            for proxy, ins in instructions]
+
+
 def client_strategy_defaults(
     fraction_fit: float, min_fit_clients: int, initial_parameters: Parameters
 ) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate
 
 from common.instructions import ASSIGNMENT_KEY
+from common.strategy import add_to_config
 from common.transport import (
     ClientManager,
     ClientProxy,
@@ -172,10 +173,7 @@ class FedPhD(FedAvg):
         )
         mapping = json.dumps({str(c): e for c, e in sorted(self.assignment.items())})
         log.info("round %d: client assignment %s", server_round, mapping)
-        return [
-            (proxy, FitIns(ins.parameters, {**ins.config, ASSIGNMENT_KEY: mapping}))
-            for proxy, ins in instructions
-        ]
+        return add_to_config(instructions, {ASSIGNMENT_KEY: mapping})
 
     def aggregate_fit(
         self,

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from flwr.server.strategy import FedAvg
 
+from common.instructions import MOON_MU_KEY as MU_KEY
+from common.instructions import MOON_TAU_KEY as TAU_KEY
+from common.strategy import add_to_config
 from common.transport import ClientManager, ClientProxy, FitIns, Parameters
 
 
@@ -27,8 +30,5 @@ class MOON(FedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        return [
-            (proxy, FitIns(ins.parameters, {**ins.config, "moon_mu": self.mu,
-                                            "moon_tau": self.tau}))
-            for proxy, ins in super().configure_fit(server_round, parameters, client_manager)
-        ]
+        return add_to_config(super().configure_fit(server_round, parameters, client_manager),
+                             {MU_KEY: self.mu, TAU_KEY: self.tau})

@@ -15,6 +15,7 @@ from flwr.server.strategy import FedAvg
 
 from common.codec import vector_from_bytes, vector_to_bytes
 from common.instructions import CONTROL_DELTA_KEY, SERVER_CONTROL_KEY
+from common.strategy import add_to_config
 from common.transport import (
     ClientManager,
     ClientProxy,
@@ -47,10 +48,8 @@ class Scaffold(FedAvg):
             self.control = np.zeros(size, dtype=np.float32)  # new run or new architecture
         self._connected = client_manager.num_available()
         blob = vector_to_bytes(self.control)
-        return [
-            (proxy, FitIns(ins.parameters, {**ins.config, SERVER_CONTROL_KEY: blob}))
-            for proxy, ins in super().configure_fit(server_round, parameters, client_manager)
-        ]
+        return add_to_config(super().configure_fit(server_round, parameters, client_manager),
+                             {SERVER_CONTROL_KEY: blob})
 
     def aggregate_fit(
         self,
