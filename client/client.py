@@ -159,7 +159,7 @@ class DiffusionClient(Client):
         previous_model = frozen_copy(model)
         previous = self.previous_local
         if previous is not None and [a.shape for a in previous] == [
-            a.shape for a in model_to_ndarrays(model)
+            t.shape for t in model.state_dict().values()
         ]:
             load_ndarrays(previous_model, previous)
         return MoonTerm(model, global_model, previous_model, mu, tau)

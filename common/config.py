@@ -281,10 +281,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(data, source=str(path))
 
 
-def config_from_json(text: str) -> RunConfig:
-    """Rebuild a config that travelled as JSON (e.g. inside a Flower instruction)."""
-    return config_from_dict(json.loads(text), source="received configuration")
-
 
 def config_reference_markdown() -> str:
     """The configuration reference (docs/configuration.md), generated from the models."""

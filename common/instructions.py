@@ -6,7 +6,6 @@ travel as JSON strings.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from common.config import RunConfig
@@ -41,7 +40,6 @@ __all__ = [
     "ROUND_KEY",
     "UPLINK_KEY",
     "client_instruction",
-    "from_json_metric",
 ]
 
 
@@ -53,8 +51,3 @@ def client_instruction(cfg: RunConfig, arch_json: str, group_lasso: float = 0.0)
         LR_KEY: cfg.training.lr,
         GROUP_LASSO_KEY: group_lasso,
     }
-
-
-def from_json_metric(metrics: dict[str, Any], key: str, default: Any) -> Any:
-    value = metrics.get(key)
-    return default if value is None else json.loads(str(value))
