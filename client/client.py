@@ -3,6 +3,10 @@ whichever server it is connected to: an edge aggregator, or the cloud in flat mo
 
 Only weights leave the process; images never do. The architecture arrives as JSON with every
 instruction, so a client rebuilds whatever model the server sends (e.g. a pruned one).
+
+With partial sharing (FedDiffuse) the instruction names the U-Net groups it carries, those to
+train and those to send back. The groups that never travel are this client's own: its whole
+model is saved in its state folder after every round and reloaded after a restart.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +29,16 @@ from common import codec
 from common.cli import add_config_args, config_from_args
 from common.config import ConfigError, RunConfig
 from common.data import load_dataset
-from common.diffusion import DiffusionTrainer, endless_batches, make_noise_scheduler
+from common.diffusion import (
+    DiffusionTrainer,
+    endless_batches,
+    load_model,
+    make_noise_scheduler,
+    sample_images,
+    save_model,
+)
+from common.evaluate import evaluate_model
+from common.images import save_grid
 from common.instructions import (
     ARCH_KEY,
     CONTROL_DELTA_KEY,
@@ -36,8 +50,11 @@ from common.instructions import (
     MOVE_KEY,
     SERVER_CONTROL_KEY,
 )
+from common.limits import max_message_bytes
 from common.models import (
     architecture_from_json,
+    architecture_of,
+    architecture_to_json,
     build_unet,
     load_ndarrays,
     model_to_ndarrays,
@@ -47,11 +64,21 @@ from common.partition import label_histogram, partition
 from common.pruning import group_lasso_penalty
 from common.quantization import ErrorFeedback
 from common.runtime import seed_everything, setup_torch
-from common.strategy import RECEIVED_DIGEST_KEY, HeldModel, encode_reply
+from common.strategy import (
+    RECEIVED_DIGEST_KEY,
+    RETURN_GROUPS_KEY,
+    SEND_GROUPS_KEY,
+    TRAIN_GROUPS_KEY,
+    HeldModel,
+    encode_reply,
+)
+from common.tls import client_root_certificates, describe_tls
 from common.topology import server_address_of_client
 from common.transport import (
     Client,
     Code,
+    EvaluateIns,
+    EvaluateRes,
     FitIns,
     FitRes,
     GetParametersIns,
@@ -64,6 +91,16 @@ from common.transport import (
     fit_ins_wire_size,
     fit_res,
     ok_status,
+)
+from common.unet_groups import (
+    format_groups,
+    group_indices,
+    group_of,
+    is_everything,
+    merge,
+    parse_groups,
+    select,
+    tensor_names,
 )
 
 log = logging.getLogger("fedphd.client")
@@ -99,14 +136,20 @@ def local_data(cfg: RunConfig, client_id: int, data_dir: str | None = None) -> L
 class DiffusionClient(Client):
     """A Flower client that trains a DDPM U-Net on local images."""
 
-    def __init__(self, cfg: RunConfig, client_id: int, data: LocalData, device: torch.device):
+    def __init__(
+        self, cfg: RunConfig, client_id: int, data: LocalData, device: torch.device,
+        state_dir: Path | None = None,
+    ):
         self.cfg = cfg
         self.client_id = client_id
         self.data = data
         self.device = device
+        # This client's own disk: its whole model when parts of it are private.
+        self.state_dir = state_dir or default_state_dir(cfg, client_id)
         self.arch_json: str | None = None
         self.move_to: str | None = None  # set when a server re-assigns this client
-        self.feedback = ErrorFeedback()  # quantised uplinks: residuals of this client only
+        # Quantised uplinks: residuals of this client only, per set of groups it sends.
+        self.feedback: dict[str, ErrorFeedback] = {}
         self.held = HeldModel()  # quantised downlinks are updates from this model
         self.previous_local: list[np.ndarray] | None = None  # MOON's previous local model
         self.scaffold_c: np.ndarray | None = None  # SCAFFOLD's client control variate c_i
@@ -121,8 +164,15 @@ class DiffusionClient(Client):
         )
 
     def _rebuild(self, arch_json: str) -> None:
-        """Build the model the server described; a new architecture gets a fresh optimiser."""
-        model = build_unet(architecture_from_json(arch_json))
+        """Build the model the server described; a new architecture gets a fresh optimiser.
+
+        Its initial weights are the run's (seeded like the cloud's), so parts that are never
+        sent start where the global model started."""
+        try:
+            model = build_unet(architecture_from_json(arch_json), seed=self.cfg.seed)
+        except (TypeError, ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(f"cannot build the U-Net the server described in {ARCH_KEY}: "
+                             f"{error}") from None
         training = self._training_config()
         self.trainer = DiffusionTrainer(
             model, make_noise_scheduler(self.cfg.diffusion), training, self.device
@@ -198,19 +248,24 @@ class DiffusionClient(Client):
         received = fit_ins_wire_size(ins)
         if ARCH_KEY not in ins.config:
             raise ValueError(f"instruction without {ARCH_KEY!r}: not a FedPhD server?")
-        arch_json = str(ins.config[ARCH_KEY])
-        if arch_json != self.arch_json:
-            self._rebuild(arch_json)
+        sent, trained, returned = (parse_groups(ins.config.get(key)) for key in
+                                   (SEND_GROUPS_KEY, TRAIN_GROUPS_KEY, RETURN_GROUPS_KEY))
+        self._prepare(str(ins.config[ARCH_KEY]), private=not is_everything(sent))
         trainer = self.trainer
-        load_ndarrays(trainer.model, self.held.decode(ins.parameters, ins.config))
+        names = tensor_names(self.arch_json)
+        sent_at, returned_at = group_indices(names, sent), group_indices(names, returned)
+        received_part = self.held.decode(ins.parameters, ins.config)
+        load_ndarrays(trainer.model, merge(model_to_ndarrays(trainer.model), received_part,
+                                           sent_at))
         reference = model_to_ndarrays(trainer.model)  # as received: the base of the update
-        received_digest = self.held.keep(reference)
+        received_digest = self.held.keep(select(reference, sent_at))
         lr = float(ins.config.get(LR_KEY, self.cfg.training.lr))
         trainer.lr_schedule.base_lrs = [lr for _ in trainer.lr_schedule.base_lrs]
         steps = int(ins.config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))
         start = time.perf_counter()
         terms = self._regularisers(ins.config)
         scaffold = self._scaffold_correction(ins.config)
+        frozen = freeze_all_but(trainer.model, trained)
         try:
             losses = trainer.train(
                 self.batches, steps,
@@ -218,13 +273,19 @@ class DiffusionClient(Client):
                 gradient_hook=scaffold,
             )
         finally:
+            for parameter in frozen:
+                parameter.requires_grad_(True)
             for term in terms:
                 if isinstance(term, MoonTerm):
                     term.close()
                     self.previous_local = model_to_ndarrays(trainer.model)
         seconds = time.perf_counter() - start
-        out = encode_reply(model_to_ndarrays(trainer.model), reference, ins.config,
-                           self.feedback, self.rng)
+        trained_model = model_to_ndarrays(trainer.model)
+        if not is_everything(sent):
+            self._save_state()
+        feedback = self.feedback.setdefault(format_groups(returned), ErrorFeedback())
+        out = encode_reply(select(trained_model, returned_at), select(reference, returned_at),
+                           ins.config, feedback, self.rng)
         log.info(
             "client %d: %d steps in %.1f s, loss %.4f", self.client_id, steps, seconds,
             float(np.mean(losses)),
@@ -241,8 +302,78 @@ class DiffusionClient(Client):
                 "payload_bytes": codec.payload_bytes(out),
                 "train_seconds": seconds,
                 "steps": steps,
+                "groups_returned": format_groups(returned),
                 **self._scaffold_answer(scaffold),
             },
+        )
+
+    def _prepare(self, arch_json: str, private: bool) -> None:
+        """The model for this instruction: rebuilt when the architecture changed, and, when
+        parts of it are private, holding this client's own parts (from memory, else from its
+        state folder after a restart, else the run's initial weights)."""
+        if arch_json == self.arch_json:
+            return
+        self._rebuild(arch_json)
+        if private:
+            self._restore_state()
+
+    def _state_model_dir(self) -> Path:
+        return self.state_dir / "model"
+
+    def _save_state(self) -> None:
+        """The whole local model in diffusers format (safetensors), replaced atomically enough:
+        diffusers writes the weights file last, after the config."""
+        save_model(self.trainer.model, self.cfg.diffusion, self._state_model_dir())
+
+    def _restore_state(self) -> None:
+        directory = self._state_model_dir()
+        if not (directory / "config.json").is_file():
+            log.info("client %d: no saved model in %s, private parts start from the run's "
+                     "initial weights", self.client_id, directory)
+            return
+        try:
+            saved, _ = load_model(directory)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"client {self.client_id}: saved model in {directory} "
+                             f"cannot be loaded: {error}") from None
+        if architecture_to_json(architecture_of(saved)) != self.arch_json:
+            log.warning("client %d: the saved model in %s has another architecture; private "
+                        "parts start from the run's initial weights", self.client_id, directory)
+            return
+        load_ndarrays(self.trainer.model, model_to_ndarrays(saved))
+        log.info("client %d: private parts restored from %s", self.client_id, directory)
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        """Sample quality of this client's own model holding the shared groups just sent
+        (partial sharing: every client's model differs). Samples go to the state folder."""
+        try:
+            sent = parse_groups(ins.config.get(SEND_GROUPS_KEY))
+            self._prepare(str(ins.config[ARCH_KEY]), private=not is_everything(sent))
+            model = self.trainer.model
+            names = tensor_names(self.arch_json)
+            received = codec.decode(ins.parameters)
+            load_ndarrays(model, merge(model_to_ndarrays(model), received,
+                                       group_indices(names, sent)))
+            result = evaluate_model(model, self.trainer.scheduler, self.cfg, self.device,
+                                    show_progress=False)
+            grid = sample_images(model, self.cfg.diffusion, self.cfg.output.grid_samples,
+                                 seed=self.cfg.seed, steps=self.cfg.evaluation.sampling_steps)
+            save_grid(grid, self.state_dir / "samples.png")
+        except Exception as error:  # noqa: BLE001 - report to the server instead of dying
+            log.exception("client %d: evaluation failed", self.client_id)
+            return EvaluateRes(
+                status=Status(code=Code.EVALUATE_NOT_IMPLEMENTED,
+                              message=f"evaluation failed: {error}"),
+                loss=0.0, num_examples=0, metrics={"client_id": self.client_id},
+            )
+        log.info("client %d: fd_classifier %.4g of its own model", self.client_id,
+                 result["fd_classifier"])
+        return EvaluateRes(
+            status=ok_status(),
+            loss=float(result["fd_classifier"]),
+            num_examples=int(result["num_samples"]),
+            metrics={"client_id": self.client_id,
+                     **{k: v for k, v in result.items() if isinstance(v, int | float | str)}},
         )
 
     def _scaffold_correction(self, config: dict) -> ScaffoldCorrection | None:
@@ -264,19 +395,40 @@ class DiffusionClient(Client):
         return {CONTROL_DELTA_KEY: codec.vector_to_bytes(delta)}
 
 
+def default_state_dir(cfg: RunConfig, client_id: int) -> Path:
+    return Path(cfg.output.dir) / "clients" / f"client-{client_id}"
+
+
+def freeze_all_but(model: torch.nn.Module, groups: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """Stop gradients outside ``groups`` (Adam skips parameters without a gradient, so they
+    stay exactly as received); returns the parameters to unfreeze afterwards."""
+    if is_everything(groups):
+        return []
+    frozen = []
+    for name, parameter in model.named_parameters():
+        if group_of(name) not in groups and parameter.requires_grad:
+            parameter.requires_grad_(False)
+            frozen.append(parameter)
+    return frozen
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    root_certificates = client_root_certificates(cfg.tls)  # a missing file fails at start
     seed_everything(cfg.seed + args.client_id)
     device = setup_torch(cfg.training, args.device)
     data = local_data(cfg, args.client_id, args.data_dir)
     address = args.server or server_address_of_client(args.client_id, cfg.topology)
     log.info(
-        "client %d: %d images, labels %s, connecting to %s",
-        args.client_id, len(data.dataset), data.label_hist, address,
+        "client %d: %d images, labels %s, connecting to %s (%s)",
+        args.client_id, len(data.dataset), data.label_hist, address, describe_tls(cfg.tls),
     )
-    client = DiffusionClient(cfg, args.client_id, data, device)
+    state_dir = Path(args.state_dir) if args.state_dir else None
+    client = DiffusionClient(cfg, args.client_id, data, device, state_dir)
+    message_limit = max_message_bytes(cfg)
     while True:
-        connect_client(address, client, max_wait_time=cfg.topology.connect_timeout)
+        connect_client(address, client, max_wait_time=cfg.topology.connect_timeout,
+                       max_message_length=message_limit, root_certificates=root_certificates)
         if client.move_to is None:
             break
         address, client.move_to = client.move_to, None
@@ -306,6 +458,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="this client's id; picks its partition of the data set (0..topology.clients-1)",
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: training.device)")
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="this client's own folder: its whole model when parts stay private (FedDiffuse "
+        "UDEC/ULATDEC), reloaded after a restart, and its evaluation samples "
+        "(default: output.dir/clients/client-ID)",
+    )
     parser.add_argument(
         "--data-dir",
         metavar="DIR",

@@ -14,7 +14,7 @@ import io
 import numpy as np
 
 from common.quantization import ErrorFeedback, dequantize_all, quantize_all
-from common.transport import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from common.transport import Parameters, ndarrays_to_parameters
 
 FP32 = "numpy.ndarray"  # Flower's own tensor type name, so plain Flower peers understand it
 FP16 = "fedphd.fp16"
@@ -77,10 +77,7 @@ def decode(parameters: Parameters, reference: list[np.ndarray] | None = None) ->
             f"unknown tensor type {parameters.tensor_type!r}; "
             f"allowed: {sorted(_TENSOR_TYPES.values())}"
         )
-    try:
-        arrays = parameters_to_ndarrays(parameters)
-    except (ValueError, EOFError, OSError) as error:  # np.load: pickled objects, truncation
-        raise CodecError(f"malformed tensor payload: {error}") from None
+    arrays = [load_tensor(index, blob) for index, blob in enumerate(parameters.tensors)]
     if parameters.tensor_type in _BITS:
         if reference is None:
             raise CodecError(f"{parameters.tensor_type} carries an update: no reference model")
@@ -90,6 +87,35 @@ def decode(parameters: Parameters, reference: list[np.ndarray] | None = None) ->
             raise CodecError(f"malformed quantised update: {error}") from None
         return _apply(reference, deltas)
     return [a.astype(np.float32) if a.dtype == np.float16 else a for a in arrays]
+
+
+def load_tensor(index: int, blob: bytes) -> np.ndarray:
+    """One ``np.save`` tensor from the wire, refused unless its header is plain and honest.
+
+    The header is read first so that a sender cannot make the receiver allocate what its
+    header claims (``np.load`` allocates the declared shape before reading the data) or hand
+    it pickled objects: the declared size must equal the bytes that follow.
+    """
+    stream = io.BytesIO(blob)
+    try:
+        version = np.lib.format.read_magic(stream)
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = reader(stream)
+    except (ValueError, EOFError, OSError, SyntaxError, TypeError) as error:
+        raise CodecError(f"malformed tensor {index}: not an npy tensor ({error})") from None
+    if dtype.hasobject:
+        raise CodecError(f"malformed tensor {index}: object (pickled) arrays are refused")
+    declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    carried = len(blob) - stream.tell()
+    if declared != carried:
+        raise CodecError(f"malformed tensor {index}: header declares {dtype}{tuple(shape)} = "
+                         f"{declared} bytes but {carried} bytes follow (truncated or padded "
+                         "payload)")
+    try:
+        return np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        raise CodecError(f"malformed tensor {index}: {error}") from None
 
 
 def is_update_codec(codec: str) -> bool:

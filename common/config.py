@@ -91,7 +91,7 @@ class TrainingConfig(_Section):
 
     lr: float = Field(2e-4, gt=0.0, description="Adam learning rate after warm-up")
     batch_size: int = Field(32, ge=1, description="images per optimiser step")
-    local_steps: int = Field(20, ge=1, description="optimiser steps per client per round")
+    local_steps: int = Field(20, ge=0, description="optimiser steps per client per round")
     warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
     grad_clip: float = Field(1.0, gt=0.0, description="max global gradient norm")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
@@ -130,6 +130,10 @@ class TopologyConfig(_Section):
     edge_base_port: int = Field(9100, ge=1, le=65535, description="edge i listens on base + i")
     round_timeout: float = Field(600.0, gt=0.0, description="seconds a server waits for answers")
     connect_timeout: float = Field(120.0, gt=0.0, description="seconds to wait for peers")
+    max_message_mb: float | None = Field(
+        None, gt=0.0, le=2048.0, description="gRPC message limit of every link in MiB "
+        "(unset = auto: 2 x the model's fp32 size + 32 MiB)"
+    )
 
     @field_validator("cloud_strategy", "edge_strategy")
     @classmethod
@@ -162,8 +166,28 @@ class CodecConfig(_Section):
     uplink: Literal["fp32", "fp16", "q8", "q4"] = Field(
         "fp32", description="client to server: weights (fp32, fp16) or quantised updates (q8, q4)"
     )
+    cloud_downlink: Literal["fp32", "fp16", "q8", "q4"] | None = Field(
+        None, description="the cloud's downlink (to edges, or to clients in flat mode); "
+        "unset = downlink"
+    )
+    cloud_uplink: Literal["fp32", "fp16", "q8", "q4"] | None = Field(
+        None, description="answers to the cloud (from edges, or clients in flat mode); "
+        "unset = uplink"
+    )
+    edge_downlink: Literal["fp32", "fp16", "q8", "q4"] | None = Field(
+        None, description="edge to its clients; unset = downlink"
+    )
+    edge_uplink: Literal["fp32", "fp16", "q8", "q4"] | None = Field(
+        None, description="clients to their edge; unset = uplink"
+    )
     per_channel: bool = Field(True, description="q8/q4: one scale per output channel")
     error_feedback: bool = Field(True, description="q8/q4: carry what rounding dropped forward")
+
+    def for_link(self, server: Literal["cloud", "edge"]) -> tuple[str, str]:
+        """(downlink, uplink) codecs of the links that ``server`` serves."""
+        down = getattr(self, f"{server}_downlink") or self.downlink
+        up = getattr(self, f"{server}_uplink") or self.uplink
+        return down, up
 
 
 class EvaluationConfig(_Section):
@@ -195,6 +219,38 @@ class OutputConfig(_Section):
     progress: bool = Field(True, description="progress bars on a terminal")
 
 
+class TlsConfig(_Section):
+    """Transport security of every gRPC link: TLS with these files, or plaintext if asked for.
+
+    Files are checked when a role starts, not here: each machine holds only what its roles
+    need (every one the CA certificate, the cloud and edges their certificate and key).
+    """
+
+    ca_cert: str | None = Field(
+        None, description="PEM CA certificate that signed the servers' certificates (all roles)"
+    )
+    server_cert: str | None = Field(
+        None, description="PEM certificate the cloud and edges serve; its names must cover the "
+        "addresses peers dial"
+    )
+    server_key: str | None = Field(None, description="PEM private key of server_cert")
+    insecure: bool = Field(
+        False, description="plaintext gRPC, no certificates: only when asked for explicitly"
+    )
+
+    @model_validator(mode="after")
+    def _certificates_or_plaintext(self) -> TlsConfig:
+        certificates = [k for k in ("ca_cert", "server_cert", "server_key") if getattr(self, k)]
+        if self.insecure and certificates:
+            raise ValueError(
+                f"insecure = true (plaintext) contradicts {', '.join(certificates)} (TLS): "
+                "remove one or the other"
+            )
+        if bool(self.server_cert) != bool(self.server_key):
+            raise ValueError("server_cert and server_key go together: set both or neither")
+        return self
+
+
 class RunConfig(_Section):
     """Everything one run needs; each section is a table of the TOML file."""
 
@@ -210,6 +266,7 @@ class RunConfig(_Section):
     codec: CodecConfig = Field(default_factory=CodecConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -5,6 +5,8 @@ the configured host, shows the cloud's progress, and stops every process it star
 run ends, when one of them fails, on Ctrl-C, or at ``--timeout``. The run folder gets the
 resolved ``config.toml``, each process's log under ``logs/``, and whatever the cloud writes
 (``metrics.jsonl``, ``model/``, ``samples.png``, ``summary.json``) plus ``summary.md``.
+Its gRPC links are TLS: with certificates from ``[tls]``, or with a throwaway CA the launcher
+makes in ``tls/`` when none are configured; plaintext only with ``tls.insecure = true``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import tomli_w
 from common.cli import add_config_args, config_from_args
 from common.config import RunConfig
 from common.runtime import progress_bar
+from common.tls import with_run_certificates
 from common.topology import cloud_address, edge_address, is_flat, server_address_of_client
 
 log = logging.getLogger("fedphd.launch")
@@ -110,7 +113,8 @@ def plan_roles(cfg: RunConfig, config_path: Path, out: Path) -> list[Role]:
         ]
     roles += [
         Role(f"client-{c}", [*base, "client", *common, "--client-id", str(c),
-                             "--server", server_address_of_client(c, topology)])
+                             "--server", server_address_of_client(c, topology),
+                             "--state-dir", str(out / "clients" / f"client-{c}")])
         for c in range(topology.clients)
     ]
     return roles
@@ -134,8 +138,9 @@ def quality_lines(evals: list[dict]) -> list[str]:
     if not evals:
         return []
     last = evals[-1]
-    line = (f"- final fd_classifier: {last['fd_classifier']:.4g} (Fréchet distance in the "
-            "feature space of a classifier trained on the real data; not FID)")
+    whose = " (mean over the clients' own models)" if last["tier"] == "client-eval" else ""
+    line = (f"- final fd_classifier{whose}: {last['fd_classifier']:.4g} (Fréchet distance in "
+            "the feature space of a classifier trained on the real data; not FID)")
     if "fid" in last:
         line += f"; FID: {last['fid']:.4g}"
     return [line]
@@ -145,7 +150,7 @@ def write_summary(cfg: RunConfig, out: Path, seconds: float) -> Path:
     """A short Markdown summary of a finished run."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     cloud = [r for r in records if r.get("tier") == "cloud"]
-    evals = [r for r in records if r.get("tier") == "eval"]
+    evals = [r for r in records if r.get("tier") in ("eval", "client-eval")]
     totals = cloud[-1]["bytes_cumulative"] if cloud else {}
     lines = [
         f"# Run {cfg.name}",
@@ -165,8 +170,12 @@ def write_summary(cfg: RunConfig, out: Path, seconds: float) -> Path:
         loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
         sizes = " | ".join(str(record["bytes"].get(link, 0)) for link in totals)
         lines.append(f"| {record['round']} | {loss} | {sizes} |")
-    lines += ["", "Bytes are serialised message sizes per link and direction.",
-              "", "![samples](samples.png)", ""]
+    lines += ["", "Bytes are serialised message sizes per link and direction.", ""]
+    if (out / "samples.png").is_file():
+        lines += ["![samples](samples.png)", ""]
+    else:
+        lines += ["Parts of the model stay with the clients: each client's own model and "
+                  "samples are in clients/client-N/.", ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines))
     return path
@@ -184,6 +193,8 @@ def launch(cfg: RunConfig, out: Path, timeout: float) -> int:
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
+    # TLS on this machine too: a throwaway CA for the run unless [tls] says otherwise.
+    cfg = with_run_certificates(cfg, out / "tls")
     config_path = write_resolved_config(cfg, out / "config.toml")
     deployment = Deployment(plan_roles(cfg, config_path, out))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -214,8 +225,9 @@ def launch(cfg: RunConfig, out: Path, timeout: float) -> int:
         record_wall_time(out / "summary.json", seconds)
         summary = write_summary(cfg, out, seconds)
         print(f"run finished in {time.monotonic() - start:.0f} s: {summary}")
-        print(f"model: {out / 'model'}  samples: {out / 'samples.png'}  "
-              f"metrics: {metrics_path}")
+        samples = out / "samples.png"
+        print(f"model: {out / 'model'}  samples: "
+              f"{samples if samples.is_file() else out / 'clients'}  metrics: {metrics_path}")
         return 0
     finally:
         bar.close()

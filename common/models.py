@@ -88,7 +88,10 @@ def architecture_to_json(arch: dict[str, Any]) -> str:
 
 
 def architecture_from_json(text: str) -> dict[str, Any]:
-    arch = json.loads(text)
+    try:
+        arch = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"architecture JSON is not valid JSON: {error}") from None
     if not isinstance(arch, dict):
         raise ValueError("architecture JSON must be an object of UNet2DModel arguments")
     return arch

@@ -449,7 +449,8 @@ def load_pretrained(directory: str | Path) -> UNet2DModel:
     """``from_pretrained`` with the class the saved config names (pruned or not)."""
     config = json.loads((Path(directory) / "config.json").read_text())
     cls = PrunedUNet2DModel if config.get("_class_name") == "PrunedUNet2DModel" else UNet2DModel
-    return cls.from_pretrained(str(directory))
+    # safetensors only: a pickled .bin checkpoint placed in the folder is never loaded.
+    return cls.from_pretrained(str(directory), use_safetensors=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ def _check_record(record: Any, path: Path, number: int) -> dict[str, Any]:
     if not isinstance(record, dict) or not isinstance(record.get("tier"), str):
         raise ReportError(f"{where}: expected a JSON object with a \"tier\" key")
     tier = record["tier"]
-    if tier in ("cloud", "edge", "eval") and not isinstance(record.get("round"), int):
+    if tier in ("cloud", "edge", "eval", "client-eval") and not isinstance(
+        record.get("round"), int
+    ):
         raise ReportError(f"{where}: {tier} record has no integer \"round\"")
     if tier == "cloud":
         links = record.get("bytes", {})
@@ -58,7 +60,7 @@ def _check_record(record: Any, path: Path, number: int) -> dict[str, Any]:
             raise ReportError(f"{where}: \"bytes\" must map links to byte counts")
         if record.get("loss") is not None and not isinstance(record["loss"], int | float):
             raise ReportError(f"{where}: \"loss\" must be a number or null")
-    if tier == "eval":
+    if tier in ("eval", "client-eval"):
         for metric in QUALITY_METRICS:
             value = record.get(metric)
             if value is not None and not isinstance(value, int | float):
@@ -182,7 +184,9 @@ def load_run(directory: str | Path) -> Run:
     def tier(wanted: str) -> list[dict[str, Any]]:
         return [record for record in records if record["tier"] == wanted]
 
-    return Run(directory, name, config, summary, tier("cloud"), tier("edge"), tier("eval"))
+    # Methods whose clients keep private parts are scored per client (their mean).
+    evals = tier("eval") or tier("client-eval")
+    return Run(directory, name, config, summary, tier("cloud"), tier("edge"), evals)
 
 
 def label_runs(runs: list[Run]) -> None:

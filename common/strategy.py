@@ -7,10 +7,22 @@ Flower's DP wrappers do and adds what every run needs whatever the aggregation r
 * ``configure_fit``: the instruction each client needs (architecture JSON, round, local
   training settings, the uplink codec) merged into the inner strategy's ``FitIns.config``, and
   the global model encoded with the downlink codec;
-* ``aggregate_fit``: every answer decoded and checked (tensor count, shapes, finite values)
-  before the inner strategy sees it; a bad answer is dropped with a logged reason naming its
-  sender, the round goes on with the others;
-* a per-round summary (samples, loss, label histogram, who answered) for the driver's metrics.
+* ``aggregate_fit``: every answer decoded and checked (tensor count, shapes, dtypes, finite
+  values, sane metrics) before the inner strategy sees it; a bad answer is dropped with a
+  logged reason naming its sender, the round goes on with the others; the accepted answers
+  reach the inner strategy sorted by sender, so equal answers give bit-identical models;
+* a per-round summary (samples, loss, label histogram, who answered) for the driver's metrics;
+* partial sharing: an inner strategy that puts ``fedphd.send_groups`` / ``fedphd.return_groups``
+  (U-Net groups ``down``, ``mid``, ``up``; see :mod:`common.unet_groups`) into a client's
+  ``FitIns.config`` gets only those tensors on the wire, both ways; its ``aggregate_fit`` then
+  receives each answer's returned tensors only, in wire order.
+
+Drivers offer every strategy constructor, where it takes them, the run's context:
+``tensor_names`` (state-dict keys in wire order), ``architecture`` (the U-Net's JSON) and
+``run_config`` (the whole :class:`~common.config.RunConfig`). A strategy may set
+``evaluate_global_model = False`` when the server's model is not a usable model on its own
+(e.g. FedDiffuse UDEC): the driver then evaluates at the clients only, through Flower's
+``configure_evaluate``/``aggregate_evaluate``.
 """
 
 from __future__ import annotations
@@ -31,11 +43,22 @@ from common.quantization import ErrorFeedback
 from common.transport import (
     ClientManager,
     ClientProxy,
+    EvaluateIns,
     FitIns,
     FitRes,
+    GrpcBridgeClosed,
     Parameters,
     Scalar,
     ndarrays_to_parameters,
+)
+from common.unet_groups import (
+    GROUPS,
+    format_groups,
+    group_indices,
+    is_everything,
+    parse_groups,
+    select,
+    tensor_names,
 )
 
 log = logging.getLogger("fedphd.strategy")
@@ -48,6 +71,10 @@ PER_CHANNEL_KEY = "fedphd.per_channel"
 ERROR_FEEDBACK_KEY = "fedphd.error_feedback"
 BASE_DIGEST_KEY = "fedphd.base_digest"  # a quantised downlink is an update from this model
 RECEIVED_DIGEST_KEY = "received_digest"
+# Partial sharing: U-Net groups sent in the instruction, trained, and expected in the answer.
+SEND_GROUPS_KEY = "fedphd.send_groups"
+TRAIN_GROUPS_KEY = "fedphd.train_groups"
+RETURN_GROUPS_KEY = "fedphd.return_groups"
 
 
 def import_object(dotted: str, field_name: str) -> Any:
@@ -60,12 +87,15 @@ def import_object(dotted: str, field_name: str) -> Any:
 
 
 def build_strategy(
-    dotted: str, user_kwargs: dict[str, Any], defaults: dict[str, Any], field_name: str
+    dotted: str, user_kwargs: dict[str, Any], defaults: dict[str, Any], field_name: str,
+    context: dict[str, Any] | None = None,
 ) -> Strategy:
     """Instantiate a ``flwr.server.strategy.Strategy`` subclass by dotted path.
 
     ``defaults`` (fractions, minimum clients, initial parameters) are passed only where the
-    class's constructor accepts them; ``user_kwargs`` (from the config) are passed as given.
+    class's constructor accepts them (by name or ``**kwargs``); ``context`` (see
+    :func:`run_context`) only to parameters named so, since a ``**kwargs`` constructor usually
+    forwards to Flower's; ``user_kwargs`` (from the config) are passed as given.
     """
     cls = import_object(dotted, field_name)
     if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
@@ -73,6 +103,7 @@ def build_strategy(
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in defaults.items() if takes_any or k in params}
+    kwargs.update({k: v for k, v in (context or {}).items() if k in params})
     kwargs.update(user_kwargs)
     try:
         return cls(**kwargs)
@@ -152,6 +183,17 @@ def client_strategy_defaults(
     }
 
 
+def run_context(run_config: Any, arch_json: str) -> dict[str, Any]:
+    """What a driver offers every strategy constructor besides Flower's arguments (each
+    passed only where the constructor takes it): the state-dict keys in wire order, the
+    architecture JSON and the run's config."""
+    return {
+        "tensor_names": tensor_names(arch_json),
+        "architecture": arch_json,
+        "run_config": run_config,
+    }
+
+
 def weighted_loss(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
     """Sample-weighted mean of the clients' training losses (Flower's metrics hook)."""
     pairs = [(n, float(m["loss"])) for n, m in metrics if "loss" in m]
@@ -181,6 +223,41 @@ def check_update(arrays: list[np.ndarray], reference: list[np.ndarray]) -> None:
             raise ValueError(f"tensor {index} holds NaN or Inf")
 
 
+def describe_failure(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
+    """Why an answer is missing, in words (Flower passes an exception or an error answer)."""
+    if isinstance(failure, tuple):
+        proxy, res = failure
+        return f"{sender_name(proxy, res)} answered with an error: {res.status.message}"
+    if isinstance(failure, GrpcBridgeClosed):
+        return ("a peer's connection closed before it answered: it stopped or lost the "
+                "network, did not answer within topology.round_timeout, or sent a message over "
+                "the gRPC message limit (topology.max_message_mb)")
+    return f"an answer failed: {failure!r}"
+
+
+def answer_order(answer: tuple[ClientProxy, FitRes]) -> tuple[str, str]:
+    """A fixed order of a round's answers (by sender, then connection), so that the same
+    answers aggregate to bit-identical sums whatever order they arrived in."""
+    proxy, res = answer
+    return sender_name(proxy, res), proxy.cid
+
+
+def check_metrics(res: FitRes) -> None:
+    """Refuse an answer whose numbers would corrupt the aggregate or the round's summary."""
+    if not isinstance(res.num_examples, int) or res.num_examples < 0:
+        raise ValueError(f"num_examples = {res.num_examples!r} is not a non-negative integer")
+    loss = res.metrics.get("loss")
+    if loss is not None and (not isinstance(loss, int | float) or isinstance(loss, bool)
+                             or np.isinf(loss)):
+        raise ValueError(f"loss = {loss!r} is not a number (NaN = unknown is allowed)")
+    try:
+        hist = json.loads(str(res.metrics.get("label_hist", "[]")))
+    except json.JSONDecodeError:
+        hist = None
+    if not (isinstance(hist, list) and all(isinstance(c, int) and c >= 0 for c in hist)):
+        raise ValueError("label_hist is not a JSON list of non-negative integers")
+
+
 @dataclass(frozen=True)
 class Rebuilt:
     """A model as a receiver rebuilds it from a payload, with its digest (computed once)."""
@@ -191,6 +268,21 @@ class Rebuilt:
     @classmethod
     def of(cls, arrays: list[np.ndarray]) -> Rebuilt:
         return cls(arrays, codec.digest(arrays))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Positions (wire order) of the tensors one instruction sends and its answer returns."""
+
+    sent_groups: str
+    sent: list[int]
+    returned_groups: str
+    returned: list[int]
+
+    @classmethod
+    def whole(cls, size: int) -> Layout:
+        everything = format_groups(GROUPS)
+        return cls(everything, list(range(size)), everything, list(range(size)))
 
 
 @dataclass
@@ -228,7 +320,7 @@ def summarise(accepted: list[FitRes]) -> RoundSummary:
     weighted, weight = 0.0, 0
     for res in accepted:
         summary.num_examples += res.num_examples
-        if "loss" in res.metrics:
+        if "loss" in res.metrics and not np.isnan(float(res.metrics["loss"])):  # NaN: unknown
             weighted += float(res.metrics["loss"]) * res.num_examples
             weight += res.num_examples
         summary.reported_received += int(res.metrics.get("bytes_received", 0))
@@ -255,9 +347,11 @@ class ManagedStrategy(Strategy):
         per_channel: bool = True,
         error_feedback: bool = True,
         held: dict[str, Rebuilt] | None = None,
+        names: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
+        self._names = names
         self.instruction = {
             **instruction, PER_CHANNEL_KEY: per_channel, ERROR_FEEDBACK_KEY: error_feedback
         }
@@ -269,7 +363,10 @@ class ManagedStrategy(Strategy):
         self._pending: dict[str, Rebuilt] = {}
         # Shared by a driver that rebuilds its strategy but keeps its connections (an edge).
         self._held: dict[str, Rebuilt] = held if held is not None else {}
-        self._wire_cache: dict[str, tuple[Parameters, Rebuilt]] = {}
+        self._wire_cache: dict[tuple[str, str], tuple[Parameters, Rebuilt]] = {}
+        # Per connection this round: positions of the tensors sent and expected back.
+        self._layout: dict[str, Layout] = {}
+        self.last_evaluation: list[tuple[str, float, dict[str, Scalar]]] = []
 
     @classmethod
     def with_codecs(
@@ -278,11 +375,15 @@ class ManagedStrategy(Strategy):
         instruction: dict[str, Scalar],
         codecs: CodecConfig,
         held: dict[str, Rebuilt] | None = None,
+        names: list[str] | None = None,
+        link: str = "cloud",
     ) -> ManagedStrategy:
-        """Wrap ``inner`` with the run's ``[codec]`` settings."""
-        return cls(inner, instruction, downlink=codecs.downlink, uplink=codecs.uplink,
+        """Wrap ``inner`` with the run's ``[codec]`` settings for the links a ``link``
+        (``cloud`` or ``edge``) server serves."""
+        downlink, uplink = codecs.for_link(link)
+        return cls(inner, instruction, downlink=downlink, uplink=uplink,
                    per_channel=codecs.per_channel, error_feedback=codecs.error_feedback,
-                   held=held)
+                   held=held, names=names)
 
     def __repr__(self) -> str:
         return f"ManagedStrategy({self.inner!r}, downlink={self.downlink}, uplink={self.uplink})"
@@ -296,19 +397,44 @@ class ManagedStrategy(Strategy):
         self._reference = codec.decode(parameters)
         self._forget_departed(client_manager)
         rng = np.random.default_rng([server_round, len(self._held)])
-        extra = {**self.instruction, ROUND_KEY: server_round, UPLINK_KEY: self.uplink}
-        instructions, self._pending = [], {}
+        # The algorithm may override the run's defaults (e.g. FedDDPM's longer first round),
+        # never the protocol's own keys.
+        protocol = {ARCH_KEY: self.instruction[ARCH_KEY], ROUND_KEY: server_round,
+                    UPLINK_KEY: self.uplink}
+        instructions, self._pending, self._layout = [], {}, {}
         for proxy, ins in self.inner.configure_fit(server_round, parameters, client_manager):
-            wire, config, rebuilt = self._downlink_for(proxy.cid, rng)
+            layout = self._layout_of(ins.config)
+            wire, config, rebuilt = self._downlink_for(proxy.cid, rng, layout)
             # What this receiver rebuilds: the base of its update and of its digest check.
             self._pending[proxy.cid] = rebuilt
-            instructions.append(
-                (proxy, FitIns(parameters=wire, config={**ins.config, **extra, **config}))
-            )
+            self._layout[proxy.cid] = layout
+            merged = {**self.instruction, **ins.config, **protocol, **config}
+            instructions.append((proxy, FitIns(parameters=wire, config=merged)))
         return instructions
 
+    def tensor_names(self) -> list[str]:
+        """State-dict keys of the model in wire order (from the architecture when not given)."""
+        if self._names is None:
+            self._names = tensor_names(str(self.instruction[ARCH_KEY]))
+        return self._names
+
+    def _layout_of(self, config: dict[str, Scalar]) -> Layout:
+        """Which tensors an instruction sends and which its answer must carry."""
+        send = parse_groups(config.get(SEND_GROUPS_KEY))  # type: ignore[arg-type]
+        back = parse_groups(config.get(RETURN_GROUPS_KEY))  # type: ignore[arg-type]
+        if not set(back) <= set(send):
+            # A client's update is taken from what it received; it cannot return other parts.
+            raise ValueError(f"{RETURN_GROUPS_KEY} {back} is not within {SEND_GROUPS_KEY} {send}")
+        if is_everything(send) and is_everything(back):
+            return Layout.whole(len(self._reference))
+        names = self.tensor_names()
+        if len(names) != len(self._reference):
+            raise ValueError(f"{len(names)} tensor names for a {len(self._reference)}-tensor model")
+        return Layout(format_groups(send), group_indices(names, send),
+                      format_groups(back), group_indices(names, back))
+
     def _downlink_for(
-        self, cid: str, rng: np.random.Generator
+        self, cid: str, rng: np.random.Generator, layout: Layout
     ) -> tuple[Parameters, dict[str, Scalar], Rebuilt]:
         """The global model for one receiver with the downlink codec.
 
@@ -317,20 +443,20 @@ class ManagedStrategy(Strategy):
         model gets full fp32 weights. The error never accumulates: each update is taken from
         the receiver's actual model, not from the previous global one.
         """
+        model = select(self._reference, layout.sent)
         held = self._held.get(cid)
-        if held is not None and [a.shape for a in held.arrays] != [
-            a.shape for a in self._reference
-        ]:
-            held = None  # the architecture changed (pruning): start from full weights
+        if held is not None and [a.shape for a in held.arrays] != [a.shape for a in model]:
+            held = None  # the architecture or the shared part changed: start from full weights
         if held is None or not codec.is_update_codec(self.downlink):
             # The same weights for every such receiver: encoded and hashed once per round.
             name = "fp32" if codec.is_update_codec(self.downlink) else self.downlink
-            if name not in self._wire_cache:
-                wire = codec.encode(self._reference, name)
-                self._wire_cache[name] = (wire, Rebuilt.of(codec.decode(wire)))
-            wire, rebuilt = self._wire_cache[name]
+            key = (name, layout.sent_groups)
+            if key not in self._wire_cache:
+                wire = codec.encode(model, name)
+                self._wire_cache[key] = (wire, Rebuilt.of(codec.decode(wire)))
+            wire, rebuilt = self._wire_cache[key]
             return wire, {}, rebuilt
-        wire = codec.encode(self._reference, self.downlink, reference=held.arrays,
+        wire = codec.encode(model, self.downlink, reference=held.arrays,
                             per_channel=bool(self.instruction[PER_CHANNEL_KEY]), rng=rng)
         rebuilt = Rebuilt.of(codec.decode(wire, reference=held.arrays))
         return wire, {BASE_DIGEST_KEY: held.digest}, rebuilt
@@ -349,12 +475,12 @@ class ManagedStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         accepted: list[tuple[ClientProxy, FitRes]] = []
         rejected: dict[str, str] = {}
-        for proxy, res in results:
+        # Answers arrive in completion order; float sums depend on order, so sort them.
+        for proxy, res in sorted(results, key=answer_order):
             name = sender_name(proxy, res)
             try:
-                base = self._pending.get(proxy.cid)
-                arrays = codec.decode(res.parameters, reference=base and base.arrays)
-                check_update(arrays, self._reference)
+                check_metrics(res)
+                arrays = self._decode_answer(proxy.cid, res)
             except ValueError as error:
                 log.warning("round %d: rejected the update of %s: %s", server_round, name, error)
                 rejected[name] = str(error)
@@ -367,7 +493,7 @@ class ManagedStrategy(Strategy):
             )
             accepted.append((proxy, decoded))
         for failure in failures:
-            log.warning("round %d: an answer failed: %r", server_round, failure)
+            log.warning("round %d: %s", server_round, describe_failure(failure))
         summary = summarise([res for _, res in accepted])
         summary.senders = [sender_name(proxy, res) for proxy, res in accepted]
         self._remember_held(accepted, results, failures)
@@ -390,6 +516,27 @@ class ManagedStrategy(Strategy):
         if parameters is None:
             return None, metrics
         return self._as_model_dtypes(server_round, parameters), metrics
+
+    def _decode_answer(self, cid: str, res: FitRes) -> list[np.ndarray]:
+        """The tensors an answer carries, checked against the part of the model it must hold
+        (an update is decoded from what that sender was sent)."""
+        layout = self._layout.get(cid)
+        if layout is None:
+            raise ValueError("answered without having been sent an instruction this round")
+        base = self._pending[cid].arrays
+        if layout.returned == layout.sent:
+            base_returned = base
+        else:
+            position = {index: at for at, index in enumerate(layout.sent)}
+            base_returned = select(base, [position[i] for i in layout.returned])
+        arrays = codec.decode(res.parameters, reference=base_returned)
+        try:
+            check_update(arrays, select(self._reference, layout.returned))
+        except ValueError as error:
+            if layout.returned_groups != format_groups(GROUPS):
+                raise ValueError(f"{error} (groups {layout.returned_groups} only)") from None
+            raise
+        return arrays
 
     def _remember_held(self, accepted, results, failures) -> None:
         """Receivers that answered hold what they were sent; of the others nothing is known."""
@@ -419,15 +566,40 @@ class ManagedStrategy(Strategy):
             [a.astype(r.dtype) for a, r in zip(arrays, self._reference, strict=True)]
         )
 
+    @property
+    def evaluate_global_model(self) -> bool:
+        """Whether the server's model is a whole model worth evaluating on the server."""
+        return bool(getattr(self.inner, "evaluate_global_model", True))
+
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list:
-        # Federated evaluation is not part of the training loop; sample quality is measured
-        # where the model is (cloud, or clients for partial-sharing methods).
-        return []
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """The inner strategy's evaluation requests (none for the drivers' default
+        ``fraction_evaluate = 0``), with the architecture and only the groups it shares, fp32:
+        each client evaluates the shared parts inside its own model."""
+        self._reference = codec.decode(parameters)
+        requests = []
+        for proxy, ins in self.inner.configure_evaluate(server_round, parameters, client_manager):
+            layout = self._layout_of({SEND_GROUPS_KEY: ins.config.get(SEND_GROUPS_KEY, ""),
+                                      RETURN_GROUPS_KEY: ins.config.get(SEND_GROUPS_KEY, "")})
+            wire = codec.encode(select(codec.decode(ins.parameters), layout.sent), "fp32")
+            config = {**ins.config, ARCH_KEY: self.instruction[ARCH_KEY],
+                      ROUND_KEY: server_round}
+            requests.append((proxy, EvaluateIns(parameters=wire, config=config)))
+        return requests
 
     def aggregate_evaluate(self, server_round: int, results: list, failures: list):
-        return None, {}
+        """Per-client results are kept for the driver's metrics; the inner strategy's
+        aggregate (Flower's sample-weighted mean loss) is returned."""
+        self.last_evaluation = [
+            (sender_name(proxy, res), float(res.loss), dict(res.metrics))
+            for proxy, res in results
+        ]
+        for failure in failures:
+            log.warning("round %d: an evaluation failed: %r", server_round, failure)
+        if not results:
+            return None, {}
+        return self.inner.aggregate_evaluate(server_round, results, failures)
 
     def evaluate(self, server_round: int, parameters: Parameters):
         return self.inner.evaluate(server_round, parameters)

@@ -13,6 +13,7 @@ file only. Everything here is Flower's own machinery; the project adds two thing
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 import grpc
 from flwr.common import (
     Code,
+    EvaluateIns,
+    EvaluateRes,
     FitIns,
     FitRes,
     GetParametersIns,
@@ -63,12 +66,15 @@ __all__ = [
     "ClientManager",
     "ClientProxy",
     "Code",
+    "EvaluateIns",
+    "EvaluateRes",
     "FitIns",
     "FitRes",
     "GetParametersIns",
     "GetParametersRes",
     "GetPropertiesIns",
     "GetPropertiesRes",
+    "GrpcBridgeClosed",
     "Parameters",
     "Scalar",
     "Server",
@@ -89,10 +95,12 @@ __all__ = [
     "wait_for_clients",
 ]
 
-GRPC_MAX_MESSAGE_LENGTH = 2_147_483_647
+GRPC_MAX_MESSAGE_LENGTH = 2_147_483_647  # gRPC's ceiling; runs pass common.limits' limit
 MAX_RETRY_DELAY = 3.0
 # A refused connection fails within milliseconds; an attempt that lasted longer had a session.
 SESSION_SECONDS = 2.0
+
+log = logging.getLogger("fedphd.transport")
 
 
 @dataclass
@@ -222,18 +230,65 @@ def connect_client(
             )
             return
         except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise ConnectionError(message_too_large(address, max_message_length,
+                                                        str(error.details()))) from None
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # The server stopped waiting for this client's answer (its round timeout)
+                # and closed the session; the client is still wanted in later rounds.
+                log.warning("the server at %s dropped this client: %s; rejoining", address,
+                            error.details())
+                deadline, delay = time.monotonic() + max_wait_time, 0.2
+                continue
             if error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
+            if "handshake failed" in str(error.details()).lower():
+                # A certificate that does not verify stays so: no point in retrying.
+                raise ConnectionError(tls_failure_message(address, root_certificates,
+                                                          str(error.details()))) from None
             now = time.monotonic()
             if now - attempt > SESSION_SECONDS:
+                log.warning("the session with the server at %s ended (%s); rejoining",
+                            address, error.details())
                 deadline, delay = now + max_wait_time, 0.2
             if now + delay > deadline:
+                hint = "" if root_certificates is not None else PLAINTEXT_HINT
                 raise ConnectionError(
                     f"cannot reach the Flower server at {address} "
-                    f"(gave up after {max_wait_time:.0f} s): {error.details()}"
+                    f"(gave up after {max_wait_time:.0f} s): {error.details()}{hint}"
                 ) from None
             time.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY)
+
+
+LIMIT_FIELD = "topology.max_message_mb"
+
+
+def message_too_large(address: str, limit: int, details: str) -> str:
+    """What a process says when gRPC refused a message over the run's message limit."""
+    return (
+        f"a message on the link to the Flower server at {address} exceeds the gRPC message "
+        f"limit ({details}; this process allows {limit / 2**20:.1f} MiB). The limit is 2 x the "
+        f"model's fp32 size + 32 MiB unless {LIMIT_FIELD} is set: raise it with "
+        f"--set {LIMIT_FIELD}=N (MiB), the same on every process of the run"
+    )
+
+
+PLAINTEXT_HINT = (
+    " (this process connects in plaintext, tls.insecure = true; a server that serves TLS "
+    "closes such connections at once)"
+)
+
+
+def tls_failure_message(address: str, root_certificates: bytes | None, details: str) -> str:
+    """Say which side of a failed TLS handshake to check."""
+    if root_certificates is None:
+        return f"TLS handshake with the Flower server at {address} failed: {details}"
+    return (
+        f"TLS handshake with the Flower server at {address} failed: {details}. Check that "
+        f"the server serves TLS (not tls.insecure = true), that its certificate was signed by "
+        f"the CA in tls.ca_cert, and that it names the host dialled ({address.rsplit(':', 1)[0]})"
+    )
 
 
 def ok_status() -> Status:

@@ -29,6 +29,7 @@ from common.instructions import (
     ROUND_KEY,
     client_instruction,
 )
+from common.limits import max_message_bytes
 from common.quantization import ErrorFeedback
 from common.rounds import run_fit_round
 from common.runtime import seed_everything
@@ -40,7 +41,9 @@ from common.strategy import (
     build_strategy,
     client_strategy_defaults,
     encode_reply,
+    run_context,
 )
+from common.tls import client_root_certificates, describe_tls, server_certificates
 from common.topology import clients_of_edge, cloud_address, edge_address
 from common.transport import (
     Client,
@@ -92,11 +95,13 @@ class EdgeAggregator(Client):
         self.meter = TrafficMeter()
         self.client_manager = SimpleClientManager()
         self.expected_clients = len(clients_of_edge(edge_id, cfg.topology))
-        self.grpc_server = start_flower_server(listen, self.client_manager, self.meter)
+        self.message_limit = max_message_bytes(cfg)
+        self.grpc_server = start_flower_server(listen, self.client_manager, self.meter,
+                                               max_message_length=self.message_limit,
+                                               certificates=server_certificates(cfg.tls))
         self.edge_round = 0
-        log.info(
-            "edge %d: serving clients on %s (expecting %d)", edge_id, listen, self.expected_clients
-        )
+        log.info("edge %d: serving clients on %s (%s, expecting %d)", edge_id, listen,
+                 describe_tls(cfg.tls), self.expected_clients)
 
     def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
         return GetParametersRes(status=ok_status(), parameters=codec.encode([], "fp32"))
@@ -177,12 +182,13 @@ class EdgeAggregator(Client):
                 topology.fraction_fit, topology.min_fit_clients, global_parameters
             ),
             "topology.edge_strategy",
+            run_context(self.cfg, arch_json),
         )
         if arch_json != self._client_models_arch:  # pruned: what clients held is moot
             self._client_models, self._client_models_arch = {}, arch_json
         return ManagedStrategy.with_codecs(
             inner, client_instruction(self.cfg, arch_json, group_lasso), self.cfg.codec,
-            held=self._client_models,
+            held=self._client_models, link="edge",
         )
 
     def _wait_for_clients(self) -> None:
@@ -216,6 +222,8 @@ class EdgeAggregator(Client):
         server.parameters = global_parameters
         self._wait_for_clients()
         records, hist, last = [], [], None
+        # A restarted edge picks up the numbering from the cloud round, as if it never died.
+        self.edge_round = max(self.edge_round, (cloud_round - 1) * edge_rounds)
         for _ in range(edge_rounds):
             self.edge_round += 1
             outcome = run_fit_round(
@@ -281,11 +289,14 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(cfg.seed + 100 + args.edge_id)
     listen = args.listen or edge_address(args.edge_id, cfg.topology)
     cloud = args.cloud or cloud_address(cfg.topology)
+    root_certificates = client_root_certificates(cfg.tls)  # before serving: fail at start
     edge = EdgeAggregator(cfg, args.edge_id, listen, args.advertise)
     try:
         log.info("edge %d: joining the cloud at %s", args.edge_id, cloud)
         start = time.monotonic()
-        connect_client(cloud, edge, max_wait_time=cfg.topology.connect_timeout)
+        connect_client(cloud, edge, max_wait_time=cfg.topology.connect_timeout,
+                       max_message_length=edge.message_limit,
+                       root_certificates=root_certificates)
         seconds = time.monotonic() - start
         log.info("edge %d: released by the cloud after %.0f s", args.edge_id, seconds)
     finally:

@@ -20,11 +20,12 @@ from diffusers import UNet2DModel
 
 from common import codec
 from common.cli import add_config_args, config_from_args
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.diffusion import make_noise_scheduler, sample_images, save_model
 from common.evaluate import evaluate_model
 from common.images import save_grid
 from common.instructions import EDGE_ROUNDS_KEY, GROUP_LASSO_KEY, client_instruction
+from common.limits import max_message_bytes, release_free_memory, rss_bytes
 from common.models import (
     architecture_of,
     architecture_to_json,
@@ -37,7 +38,14 @@ from common.models import (
 from common.pruning import prune_unet, to_pruned_model
 from common.rounds import RoundOutcome, run_fit_round
 from common.runtime import progress_bar, seed_everything, setup_torch
-from common.strategy import ARCH_KEY, ManagedStrategy, build_strategy, client_strategy_defaults
+from common.strategy import (
+    ARCH_KEY,
+    ManagedStrategy,
+    build_strategy,
+    client_strategy_defaults,
+    run_context,
+)
+from common.tls import describe_tls, server_certificates
 from common.topology import cloud_address, is_flat
 from common.transport import (
     Parameters,
@@ -49,6 +57,7 @@ from common.transport import (
     start_flower_server,
     wait_for_clients,
 )
+from common.unet_groups import tensor_names
 
 log = logging.getLogger("fedphd.cloud")
 
@@ -81,6 +90,19 @@ def round_bytes(outcome: RoundOutcome, flat: bool) -> dict[str, int]:
         "edge->client": sum(int(m.get("bytes_down", 0)) for m in outcome.summary.metrics),
         "client->edge": sum(int(m.get("bytes_up", 0)) for m in outcome.summary.metrics),
     }
+
+
+def rss_after_round() -> int:
+    """Resident memory once the round's freed buffers went back to the OS."""
+    release_free_memory()
+    return rss_bytes()
+
+
+def numbers_only(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric metrics of an answer (ids and explanations are logged elsewhere)."""
+    return {key: value for key, value in metrics.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            and key != "client_id"}
 
 
 def _maybe_json(value):
@@ -124,10 +146,16 @@ class CloudServer:
                 GROUP_LASSO_KEY: group_lasso,
             }
         inner = build_strategy(
-            topology.cloud_strategy, topology.cloud_strategy_args, defaults,
-            "topology.cloud_strategy",
+            topology.cloud_strategy, topology.cloud_strategy_args,
+            defaults, "topology.cloud_strategy", run_context(self.cfg, arch_json),
         )
-        return ManagedStrategy.with_codecs(inner, instruction, self.cfg.codec)
+        if getattr(inner, "flat_only", False) and not self.flat:
+            raise ConfigError(
+                f"topology.cloud_strategy = {topology.cloud_strategy!r} talks to clients "
+                f"directly: set topology.edges = 0 (flat mode), got {topology.edges}"
+            )
+        return ManagedStrategy.with_codecs(inner, instruction, self.cfg.codec,
+                                           names=tensor_names(arch_json))
 
     def _install(self, model: UNet2DModel, group_lasso: float = 0.0) -> None:
         """Make ``model`` the global model: its architecture travels with every instruction.
@@ -162,12 +190,16 @@ class CloudServer:
         pruning = cfg.pruning
         sparse = pruning.group_lasso if pruning.enabled and pruning.sparse_rounds > 0 else 0.0
         self._install(build_unet(unet_config(cfg.model), seed=cfg.seed), group_lasso=sparse)
-        grpc_server = start_flower_server(self.listen, self.client_manager, self.meter)
+        message_limit = max_message_bytes(cfg)
+        grpc_server = start_flower_server(self.listen, self.client_manager, self.meter,
+                                          max_message_length=message_limit,
+                                          certificates=server_certificates(cfg.tls))
         peers = "clients" if self.flat else "edges"
         log.info(
-            "cloud: %d-parameter U-Net, %s on %s, waiting for %d %s",
+            "cloud: %d-parameter U-Net, %s on %s (%s, messages up to %.1f MiB), "
+            "waiting for %d %s",
             count_parameters(self.model), self.strategy.inner.__class__.__name__, self.listen,
-            self.expected_peers, peers,
+            describe_tls(cfg.tls), message_limit / 2**20, self.expected_peers, peers,
         )
         metrics = MetricsLog(self.out / METRICS_FILE)
         try:
@@ -226,6 +258,8 @@ class CloudServer:
                 "strategy": {k: _maybe_json(v) for k, v in outcome.strategy_metrics.items()},
                 "digests_checked": outcome.summary.digests_checked,
                 "digest_mismatches": outcome.summary.digest_mismatches,
+                # Resident memory after the round: it must not grow round after round.
+                "rss_mb": round(rss_after_round() / 2**20, 1),
                 "reported_by_peers": {
                     "received": outcome.summary.reported_received,
                     "payload": outcome.summary.reported_payload,
@@ -246,7 +280,36 @@ class CloudServer:
         return (every > 0 and server_round % every == 0) or (last and evaluation.final)
 
     def _evaluate(self, metrics: MetricsLog, server_round: int) -> None:
-        """Sample quality of the current global model: an ``eval`` line in metrics.jsonl."""
+        """Sample quality: of the global model at the cloud (an ``eval`` line), and of the
+        clients' own models where the strategy asks them (a ``client-eval`` line)."""
+        self._evaluate_at_clients(metrics, server_round)
+        if self.strategy.evaluate_global_model:
+            self._evaluate_global(metrics, server_round)
+
+    def _evaluate_at_clients(self, metrics: MetricsLog, server_round: int) -> None:
+        """Flower's evaluate round (a no-op for strategies with ``fraction_evaluate = 0``)."""
+        self.meter.take()
+        result = self.server.evaluate_round(server_round, timeout=self.cfg.topology.round_timeout)
+        traffic = self.meter.take()
+        per_client = self.strategy.last_evaluation
+        self.strategy.last_evaluation = []
+        if result is None or not per_client:
+            return
+        scores = [score for _, score, _ in per_client]
+        record = {
+            "tier": "client-eval",
+            "round": server_round,
+            "fd_classifier": float(sum(scores) / len(scores)),
+            "per_client": {name: {"fd_classifier": score, **numbers_only(extra)}
+                           for name, score, extra in per_client},
+            "failures": len(result[2][1]),
+            "bytes": {"evaluate-down": traffic.down, "evaluate-up": traffic.up},
+        }
+        metrics.write(record)
+        log.info("cloud round %d: clients' own models, mean fd_classifier %.4g over %d",
+                 server_round, record["fd_classifier"], len(scores))
+
+    def _evaluate_global(self, metrics: MetricsLog, server_round: int) -> None:
         load_ndarrays(self.model, codec.decode(self.server.parameters))
         result = evaluate_model(self.model, make_noise_scheduler(self.cfg.diffusion), self.cfg,
                                 self.device, show_progress=False)
@@ -258,11 +321,16 @@ class CloudServer:
         cfg = self.cfg
         save_model(model, cfg.diffusion, self.out / "model")
         start = time.perf_counter()
-        images = sample_images(
-            model, cfg.diffusion, cfg.output.grid_samples, seed=cfg.seed,
-            batch_size=cfg.evaluation.batch_size, show_progress=cfg.output.progress,
-        )
-        save_grid(images, self.out / "samples.png")
+        if self.strategy.evaluate_global_model:
+            images = sample_images(
+                model, cfg.diffusion, cfg.output.grid_samples, seed=cfg.seed,
+                batch_size=cfg.evaluation.batch_size, show_progress=cfg.output.progress,
+            )
+            save_grid(images, self.out / "samples.png")
+        else:
+            log.info("cloud: %s keeps parts of the model at the clients; the saved model holds "
+                     "the shared parts only, each client's own model and samples are in its "
+                     "state folder", self.strategy.inner)
         summary = {
             "name": cfg.name,
             "mode": "flat" if self.flat else "hierarchical",

@@ -81,3 +81,22 @@ def test_configuration_reference_in_docs_is_current():
     assert docs.read_text().strip() == config_reference_markdown().strip(), (
         "regenerate with: .venv/bin/python -m common.config > docs/configuration.md"
     )
+
+
+METHOD_CONFIGS = ["fedavg", "fedprox", "scaffold", "moon", "feddm-quant8", "feddm-quant4",
+                  "feddiffuse-full", "feddiffuse-usplit", "feddiffuse-udec",
+                  "feddiffuse-ulatdec", "fedddpm", "fedddpm-plus"]
+
+
+@pytest.mark.parametrize("method", METHOD_CONFIGS)
+def test_method_configs_share_the_fedavg_topology_rounds_and_split(method):
+    """Their runs compare: only the method (strategy, codecs, client terms) differs."""
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    baseline = load_config(configs / "fedavg-digits.toml")
+    cfg = load_config(configs / f"{method}-digits.toml")
+    same = ("edges", "clients", "cloud_rounds", "fraction_fit", "min_fit_clients")
+    assert {k: getattr(cfg.topology, k) for k in same} == {
+        k: getattr(baseline.topology, k) for k in same}
+    for section in ("model", "data", "partition", "training", "diffusion"):
+        assert getattr(cfg, section) == getattr(baseline, section), section
+    assert cfg.name == f"{method}-digits"

@@ -128,3 +128,17 @@ def test_command_reports_a_missing_metrics_file_by_name(tmp_path, capsys):
     args = parser.parse_args(["report", str(tmp_path / "ok"), "--out", str(tmp_path / "r")])
     assert args.run(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "r" / "report.md")
+
+
+def test_runs_scored_per_client_report_the_clients_mean(tmp_path):
+    """FedDiffuse UDEC/ULATDEC runs have only ``client-eval`` lines (no global model)."""
+    evals = [{"tier": "client-eval", "round": 3, "fd_classifier": 41.5,
+              "per_client": {"client 0": {"fd_classifier": 40.0},
+                             "client 1": {"fd_classifier": 43.0}}}]
+    fabricate_run(tmp_path / "udec", "udec", FLAT_LINKS, 0, evals)
+    run = load_run(tmp_path / "udec")
+    assert [record["fd_classifier"] for record in run.evals] == [41.5]
+    bad = [{**evals[0], "fd_classifier": "good"}]
+    fabricate_run(tmp_path / "bad", "bad", FLAT_LINKS, 0, bad)
+    with pytest.raises(ReportError, match="fd_classifier"):
+        load_run(tmp_path / "bad")
