@@ -1,0 +1,508 @@
+"""Traffic and sample quality, side by side: FedAvg, FedProx, FedDM-quant 8-bit, FedDiffuse UDEC,
+FedPhD, FedPhD + 8-bit and centralised training, on one pathological non-IID split.
+
+Every method is its shipped config (``configs/*-digits.toml``) run for real with ``fedphd
+launch``, with the same overrides: the offline digits, the tiny U-Net, 10 clients holding 2
+classes each (``partition.method = "classes"``, ``classes_per_client = 2``, one seed, so every
+method sees the same split), the same total number of local steps, and an evaluation after
+every cloud round. Flat methods put the 10 clients on the cloud; FedPhD puts them on 2 edges
+(40 % of an edge's clients per edge round, as in the paper). Centralised training is ``fedphd
+train`` on all images for the same number of steps, scored by ``fedphd evaluate`` with the
+same sample count and DDIM steps.
+
+Figures come from each run's ``metrics.jsonl``: ``fd_classifier`` (the offline Fréchet
+distance; for methods whose clients keep private parts, e.g. FedDiffuse UDEC, the mean over
+the clients' own models, as the cloud records it), bytes per link and direction as each
+link's server metered them, and the cumulative bytes at the first evaluation whose
+``fd_classifier`` is at most FedAvg's final one.
+
+    python -m bench.traffic_quality                    # the full table (~80 min on 2 shared cores)
+    python -m bench.traffic_quality --quick            # tiny budget, smoke run
+    python -m bench.traffic_quality --reuse            # rerun only what is missing or changed
+    python -m bench.traffic_quality --methods fedavg,fedphd,centralised
+
+A method whose config is not in the repository is reported as missing, not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    REPO,
+    BenchError,
+    child_env,
+    command_line,
+    derive_config,
+    fedphd_argv,
+    launch,
+    loopback_overrides,
+    machine_info,
+    machine_line,
+    progress,
+    tail,
+    tier,
+    write_config,
+)
+from common.report import read_metrics
+
+CLOUD_LINKS = ("cloud->client", "client->cloud", "cloud->edge", "edge->cloud")
+ALL_LINKS = (*CLOUD_LINKS, "edge->client", "client->edge")
+REFERENCE = "fedavg"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One column of the comparison: a shipped config and how it is deployed."""
+
+    key: str
+    label: str
+    config: str  # relative to the repository root
+    family: str  # "flat", "hierarchical" or "central"
+    extra: tuple[str, ...] = ()
+
+
+METHODS = (
+    Method("fedavg", "FedAvg (fp32)", "configs/fedavg-digits.toml", "flat"),
+    Method("fedprox", "FedProx", "configs/fedprox-digits.toml", "flat"),
+    Method("feddm-quant8", "FedDM-quant 8-bit", "configs/feddm-quant8-digits.toml", "flat"),
+    Method("feddiffuse-udec", "FedDiffuse UDEC", "configs/feddiffuse-udec-digits.toml", "flat"),
+    Method("fedphd", "FedPhD (hierarchy + SH + pruning 0.2)", "configs/fedphd-digits.toml",
+           "hierarchical"),
+    Method("fedphd-q8", "FedPhD + 8-bit", "configs/fedphd-digits.toml", "hierarchical",
+           ('codec.downlink="q8"', 'codec.uplink="q8"')),
+    Method("centralised", "centralised (same data, same steps)", "configs/fedavg-digits.toml",
+           "central"),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The same work for every method: total local steps = clients x flat_rounds x steps =
+    edges x (fraction x clients per edge) x edge_rounds x hier_rounds x steps."""
+
+    clients: int
+    local_steps: int
+    flat_rounds: int
+    hier_rounds: int
+    edge_rounds: int
+    edges: int
+    fraction_fit: float
+    classes_per_client: int
+    eval_samples: int
+    eval_steps: int
+
+    @property
+    def steps(self) -> int:
+        return self.clients * self.flat_rounds * self.local_steps
+
+
+FULL = Budget(clients=10, local_steps=25, flat_rounds=8, hier_rounds=5, edge_rounds=4, edges=2,
+              fraction_fit=0.4, classes_per_client=2, eval_samples=128, eval_steps=25)
+# 5 clients: the fewest that still give each of the 10 classes a holder at 2 classes each.
+QUICK = Budget(clients=5, local_steps=2, flat_rounds=2, hier_rounds=1, edge_rounds=2, edges=2,
+               fraction_fit=0.4, classes_per_client=2, eval_samples=16, eval_steps=2)
+
+
+# -------------------------------------------------------------------------------- configs
+
+
+def shared_overrides(budget: Budget, run_dir: Path) -> list[str]:
+    return [
+        'partition.method="classes"', f"partition.classes_per_client={budget.classes_per_client}",
+        "partition.seed=0", f"topology.clients={budget.clients}",
+        f"training.local_steps={budget.local_steps}",
+        "evaluation.every_cloud_rounds=1", "evaluation.final=true",
+        f"evaluation.num_samples={budget.eval_samples}",
+        f"evaluation.sampling_steps={budget.eval_steps}",
+        f"evaluation.batch_size={budget.eval_samples}",
+        "output.grid_samples=16", f'output.dir="{run_dir}"', "output.progress=false",
+        "topology.connect_timeout=300", "topology.round_timeout=1800",
+    ]
+
+
+def family_overrides(method: Method, budget: Budget) -> list[str]:
+    if method.family == "hierarchical":
+        return [f"topology.edges={budget.edges}", f"topology.cloud_rounds={budget.hier_rounds}",
+                f"topology.edge_rounds={budget.edge_rounds}",
+                f"topology.fraction_fit={budget.fraction_fit}"]
+    if method.family == "flat":
+        return ["topology.edges=0", f"topology.cloud_rounds={budget.flat_rounds}"]
+    # Centralised: one process, so it may use every core; threads change speed, not results.
+    return ["training.threads=0"]
+
+
+def method_config(method: Method, budget: Budget, run_dir: Path, user: list[str]) -> Path:
+    """The method's shipped config with the shared overrides (then the user's ``--set``),
+    written next to its run."""
+    overrides = [*shared_overrides(budget, run_dir), *family_overrides(method, budget),
+                 *method.extra, *user, *loopback_overrides()]
+    # FedPhD's config fixes class pairs; every method here uses the same k-classes split.
+    cfg = derive_config(REPO / method.config, overrides, drop=[("partition", "pairs")])
+    return write_config(cfg, run_dir / "bench-config.toml")
+
+
+# ----------------------------------------------------------------------------------- runs
+
+
+def run_federated(method: Method, budget: Budget, run_dir: Path, timeout: float,
+                  user: list[str]) -> None:
+    config = method_config(method, budget, run_dir, user)
+    launch(config, run_dir, timeout=timeout, label=method.key)
+
+
+def _run_logged(argv: list[str], log: Path, timeout: float, what: str) -> str:
+    with log.open("w") as sink:
+        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=sink, text=True,
+                                cwd=REPO, env=child_env(), timeout=timeout)
+    if result.returncode != 0:
+        raise BenchError(f"{what} exited with {result.returncode}\n{tail(log)}")
+    return result.stdout
+
+
+def run_central(method: Method, budget: Budget, run_dir: Path, timeout: float,
+                user: list[str]) -> None:
+    """``fedphd train`` for the federated step budget, then ``fedphd evaluate``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = method_config(method, budget, run_dir, user)
+    progress(f"{method.key}: {budget.steps} steps on all images")
+    _run_logged(fedphd_argv("train", "--config", str(config), "--steps", str(budget.steps),
+                            "--out", str(run_dir)), run_dir / "train.log", timeout, "train")
+    progress(f"{method.key}: evaluating")
+    out = _run_logged(fedphd_argv("evaluate", "--model", str(run_dir / "model"), "--json",
+                                  "--config", str(config), "--n", str(budget.eval_samples),
+                                  "--steps", str(budget.eval_steps)),
+                      run_dir / "evaluate.log", timeout, "evaluate")
+    (run_dir / "evaluation.json").write_text(out.strip().splitlines()[-1] + "\n")
+
+
+def finished(run_dir: Path, fingerprint: dict[str, Any]) -> bool:
+    """Whether ``run_dir`` holds a complete run of exactly this method and budget."""
+    stamp = run_dir / "bench-done.json"
+    return stamp.is_file() and json.loads(stamp.read_text()) == fingerprint
+
+
+def run_method(method: Method, budget: Budget, out: Path, timeout: float,
+               reuse: bool, user: list[str] | None = None) -> dict[str, Any]:
+    """Run one method (unless reusable) and summarise it; never raises for a bad method."""
+    config = REPO / method.config
+    if not config.is_file():
+        progress(f"{method.key}: {method.config} does not exist; reported as missing")
+        return {"status": "missing", "reason": f"{method.config} not found in the repository"}
+    run_dir = out / method.key
+    user = list(user or [])
+    fingerprint: dict[str, Any] = {"method": asdict(method), "budget": asdict(budget),
+                                   "config_text": config.read_text()}
+    if user:
+        fingerprint["overrides"] = user
+    start = time.monotonic()
+    reused = reuse and finished(run_dir, fingerprint)
+    if reused:
+        progress(f"{method.key}: reusing the finished run in {run_dir}")
+    else:
+        (run_dir / "bench-done.json").unlink(missing_ok=True)  # a failed rerun is not done
+        try:
+            if method.family == "central":
+                run_central(method, budget, run_dir, timeout, user)
+            else:
+                run_federated(method, budget, run_dir, timeout, user)
+        except (BenchError, subprocess.SubprocessError, ValueError) as error:
+            reason = str(error) or repr(error)
+            progress(f"{method.key}: failed: {reason.splitlines()[0]}")
+            return {"status": "failed", "reason": reason[-3000:], "run": str(run_dir)}
+        (run_dir / "bench-done.json").write_text(json.dumps(fingerprint))
+        (run_dir / "bench-seconds.txt").write_text(f"{time.monotonic() - start:.1f}\n")
+    summary = summarise(method, run_dir, budget)
+    seconds = run_dir / "bench-seconds.txt"
+    summary["wall_seconds"] = float(seconds.read_text()) if seconds.is_file() else None
+    # When the run finished: a reused run was measured by an earlier invocation.
+    done = (run_dir / "bench-done.json").stat().st_mtime
+    summary["measured"] = datetime.datetime.fromtimestamp(done, datetime.UTC).strftime(
+        "%Y-%m-%d %H:%M UTC")
+    summary["reused"] = bool(reused)
+    return summary
+
+
+# -------------------------------------------------------------------------------- figures
+
+
+def client_steps(records: list[dict[str, Any]], local_steps: int) -> int:
+    """Local steps actually taken: one instruction per client per (edge) round."""
+    edge = tier(records, "edge")
+    if edge:
+        return sum(len(r["clients"]) for r in edge) * local_steps
+    return sum(len(r["participants"]) for r in tier(records, "cloud")) * local_steps
+
+
+def quality_points(records: list[dict[str, Any]]) -> tuple[str, list[tuple[int, float]]]:
+    """(round, fd_classifier) per evaluation: of the global model, or — for methods that keep
+    parts private — the mean over the clients' own models."""
+    evals = tier(records, "eval")
+    kind = "global model"
+    if not evals:
+        evals, kind = tier(records, "client-eval"), "mean of clients' own models"
+    points = [(r["round"], float(r["fd_classifier"])) for r in evals
+              if r.get("fd_classifier") is not None]
+    return kind, points
+
+
+def cumulative_bytes(records: list[dict[str, Any]]) -> dict[int, int]:
+    """All-link bytes sent up to and including each cloud round."""
+    total, by_round = 0, {}
+    for record in tier(records, "cloud"):
+        total += sum(record["bytes"].values())
+        by_round[record["round"]] = total
+    return by_round
+
+
+def summarise(method: Method, run_dir: Path, budget: Budget) -> dict[str, Any]:
+    if method.family == "central":
+        evaluation = json.loads((run_dir / "evaluation.json").read_text())
+        return {"status": "ok", "mode": "centralised", "client_steps": budget.steps,
+                "quality_kind": "model", "points": [[budget.steps, evaluation["fd_classifier"]]],
+                "final_fd": evaluation["fd_classifier"], "bytes": {}, "total_bytes": 0,
+                "cloud_bytes": 0, "cumulative": {}, "run": str(run_dir)}
+    records = read_metrics(run_dir / "metrics.jsonl")
+    cloud = tier(records, "cloud")
+    totals: dict[str, int] = {}
+    for record in cloud:
+        for link, count in record["bytes"].items():
+            totals[link] = totals.get(link, 0) + count
+    kind, points = quality_points(records)
+    pruning = tier(records, "pruning")
+    return {
+        "status": "ok", "mode": method.family, "cloud_rounds": len(cloud),
+        "client_steps": client_steps(records, budget.local_steps),
+        "quality_kind": kind, "points": points,
+        "final_fd": points[-1][1] if points else None,
+        "bytes": totals, "total_bytes": sum(totals.values()),
+        "cloud_bytes": sum(count for link, count in totals.items() if link in CLOUD_LINKS),
+        "cumulative": cumulative_bytes(records),
+        "parameters": pruning[-1]["params_after"] if pruning else None,
+        "run": str(run_dir),
+    }
+
+
+def bytes_to_reach(summary: dict[str, Any], target: float) -> int | None:
+    """Cumulative all-link bytes at the first evaluation with fd_classifier <= target."""
+    for round_number, value in summary["points"]:
+        if value <= target:
+            return summary["cumulative"].get(round_number)
+    return None
+
+
+def add_comparisons(results: dict[str, dict[str, Any]]) -> None:
+    """Quality and traffic relative to FedAvg, and the bytes to reach its final quality."""
+    reference = results.get(REFERENCE, {})
+    if reference.get("status") != "ok" or reference.get("final_fd") is None:
+        return
+    target, traffic = reference["final_fd"], reference["total_bytes"]
+    cloud_traffic = reference["cloud_bytes"]
+    for summary in results.values():
+        if summary.get("status") != "ok" or summary.get("final_fd") is None:
+            continue
+        summary["fd_vs_fedavg_pct"] = 100 * (summary["final_fd"] - target) / target
+        if summary["mode"] != "centralised":
+            summary["traffic_vs_fedavg_pct"] = 100 * (summary["total_bytes"] - traffic) / traffic
+            summary["cloud_traffic_vs_fedavg_pct"] = (
+                100 * (summary["cloud_bytes"] - cloud_traffic) / cloud_traffic)
+            summary["bytes_to_fedavg_final"] = bytes_to_reach(summary, target)
+
+
+# --------------------------------------------------------------------------------- tables
+
+
+def _mb(count: int | None) -> str:
+    return "n/a" if count is None else f"{count / 1e6:,.1f} MB"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f} %"
+
+
+def _quality_row(method: Method, s: dict[str, Any]) -> str:
+    if s["status"] != "ok":
+        reason = s["reason"].splitlines()[0]
+        return f"| {method.label} | {s['status']}: {reason} | | | | | | | | | |"
+    reach = s.get("bytes_to_fedavg_final")
+    if s["mode"] == "centralised":
+        reach_text = "no traffic"
+    elif "fd_vs_fedavg_pct" not in s:
+        reach_text = "n/a"
+    else:
+        reach_text = _mb(reach) if reach is not None else "not reached"
+    final = "n/a" if s["final_fd"] is None else f"{s['final_fd']:.2f}"
+    wall = "n/a" if s.get("wall_seconds") is None else f"{s['wall_seconds']:.0f} s"
+    return (f"| {method.label} | {s['mode']} | {s['client_steps']:,} | {final} "
+            f"({s['quality_kind']}) | {_pct(s.get('fd_vs_fedavg_pct'))} "
+            f"| {_mb(s['total_bytes'])} | {_pct(s.get('traffic_vs_fedavg_pct'))} "
+            f"| {_mb(s['cloud_bytes'])} | {_pct(s.get('cloud_traffic_vs_fedavg_pct'))} "
+            f"| {reach_text} | {wall} |")
+
+
+def _links_row(method: Method, s: dict[str, Any]) -> str | None:
+    if s["status"] != "ok" or s["mode"] == "centralised":
+        return None
+    cells = " | ".join(f"{s['bytes'][link]:,}" if link in s["bytes"] else "–"
+                       for link in ALL_LINKS)
+    return f"| {method.label} | {cells} | {s['total_bytes']:,} |"
+
+
+def _curve_row(method: Method, s: dict[str, Any]) -> str | None:
+    if s["status"] != "ok" or s["mode"] == "centralised":
+        return None
+    points = ", ".join(f"r{r}: {v:.1f} ({_mb(s['cumulative'].get(r))})" for r, v in s["points"])
+    return f"| {method.label} | {points} |"
+
+
+def reused_note(methods: list[Method], results: dict[str, dict[str, Any]]) -> list[str]:
+    """Runs kept from an earlier invocation (``--reuse``) say when they were measured."""
+    reused = [f"{m.key} ({results[m.key]['measured']})" for m in methods
+              if results[m.key].get("reused")]
+    return ["", f"Reused runs, measured earlier: {', '.join(reused)}."] if reused else []
+
+
+def render(result: dict[str, Any], methods: list[Method]) -> str:
+    budget = result["budget"]
+    results = result["methods"]
+    rows = [_quality_row(m, results[m.key]) for m in methods]
+    links = [row for m in methods if (row := _links_row(m, results[m.key])) is not None]
+    curves = [row for m in methods if (row := _curve_row(m, results[m.key])) is not None]
+    return "\n".join([
+        "# Traffic and quality: digits, tiny U-Net, 2 classes per client, "
+        f"{budget['clients']} clients",
+        "",
+        machine_line(result["machine"]),
+        f"command: {result['command']}",
+        f"budget: {budget['clients']} clients, {budget['local_steps']} local steps per round; "
+        f"flat: {budget['flat_rounds']} rounds of all clients; hierarchical: {budget['edges']} "
+        f"edges, {budget['hier_rounds']} cloud rounds x {budget['edge_rounds']} edge rounds, "
+        f"{budget['fraction_fit']:.0%} of an edge's clients per edge round; centralised: "
+        f"{budget['clients'] * budget['flat_rounds'] * budget['local_steps']} steps. "
+        f"fd_classifier from {budget['eval_samples']} samples, {budget['eval_steps']} DDIM "
+        "steps, after every cloud round (lower is better; not FID).",
+        "",
+        "| method | mode | client steps | final fd_classifier | vs FedAvg | bytes, all links "
+        "| vs FedAvg | bytes, cloud links | vs FedAvg | bytes to reach FedAvg's final fd "
+        "| wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        *reused_note(methods, results),
+        "",
+        "Bytes per link and direction over the whole run (serialised Flower messages, as each "
+        "link's server metered them):",
+        "",
+        "| method | " + " | ".join(ALL_LINKS) + " | total |",
+        "|---|" + "---|" * (len(ALL_LINKS) + 1),
+        *links,
+        "",
+        "fd_classifier after each cloud round (cumulative all-link bytes):",
+        "",
+        "| method | round: fd_classifier (bytes so far) |",
+        "|---|---|",
+        *curves,
+    ])
+
+
+def write_report(out: Path, results: dict[str, dict[str, Any]]) -> None:
+    """``fedphd report`` over the federated runs: loss, quality and bytes plots side by side."""
+    runs = [s["run"] for s in results.values()
+            if s.get("status") == "ok" and s["mode"] != "centralised"]
+    if not runs:
+        return
+    try:
+        _run_logged(fedphd_argv("report", *runs, "--out", str(out / "report")),
+                    out / "report.log", 600, "report")
+    except (BenchError, subprocess.SubprocessError) as error:
+        progress(f"fedphd report failed: {str(error).splitlines()[0]}")
+
+
+def select_methods(keys: str | None) -> list[Method]:
+    if not keys:
+        return list(METHODS)
+    known = {m.key: m for m in METHODS}
+    unknown = [k for k in keys.split(",") if k not in known]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(known)}")
+    return [known[k] for k in keys.split(",")]
+
+
+def parse_budget(base: Budget, items: list[str]) -> Budget:
+    """``--budget key=value`` changes of the budget (e.g. ``local_steps=100``)."""
+    types = {f.name: f.type for f in fields(Budget)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise SystemExit(f"--budget {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(types)}")
+        changes[key] = float(value) if types[key] in (float, "float") else int(value)
+    return replace(base, **changes)
+
+
+def render_saved(out: Path, methods: list[Method]) -> int:
+    """The table of an earlier invocation, from its results.json (machine and command kept)."""
+    result = json.loads((out / "results.json").read_text())
+    methods = [m for m in methods if m.key in result["methods"]]
+    for summary in result["methods"].values():  # JSON made the round numbers strings
+        summary["cumulative"] = {int(k): v for k, v in summary.get("cumulative", {}).items()}
+    add_comparisons(result["methods"])
+    table = render(result, methods)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.traffic_quality",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny budget (smoke run)")
+    parser.add_argument("--methods", help="comma-separated subset of: "
+                        + ", ".join(m.key for m in METHODS))
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs of the same method, config and budget")
+    parser.add_argument("--out", type=Path, help="result folder "
+                        "(default runs/bench/traffic-quality[-quick])")
+    parser.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
+                        help="change the budget: " + ", ".join(f.name for f in fields(Budget)))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="config override for every method, after the bench's (e.g. "
+                        "model.preset=ddpm-cifar10)")
+    parser.add_argument("--timeout", type=float, default=3600, help="per method, seconds")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite table.md from results.json (no runs)")
+    args = parser.parse_args(argv)
+    budget = parse_budget(QUICK if args.quick else FULL, args.budget)
+    methods = select_methods(args.methods)
+    name = "traffic-quality-quick" if args.quick else "traffic-quality"
+    out = (args.out or REPO / "runs" / "bench" / name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        return render_saved(out, methods)
+    result: dict[str, Any] = {"machine": machine_info(), "command": command_line(),
+                              "budget": asdict(budget), "methods": {}}
+    for number, method in enumerate(methods, start=1):
+        progress(f"[{number}/{len(methods)}] {method.label}")
+        result["methods"][method.key] = run_method(method, budget, out, args.timeout,
+                                                   args.reuse, args.overrides)
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+    add_comparisons(result["methods"])
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_report(out, result["methods"])
+    table = render(result, methods)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Transport overhead: one cloud→edge→client→edge→cloud round of the project with no local
+steps, against bare grpcio carrying the same bytes over the same hops on loopback.
+
+The project round is the real deployment (``fedphd launch``: cloud, one edge, one client as
+separate processes over Flower's gRPC transport), fp32 both ways, ``training.local_steps=0``;
+its time is the cloud's ``seconds`` for the round in ``metrics.jsonl`` (Flower's
+``fit_round``: encode, four transfers, decode, load, aggregate). Round 1 also waits for the
+client to connect and build its model, so only rounds 2.. count (median). The reference is
+``bench.bare_grpc``: three processes, two unary calls nested, payloads of exactly the sizes
+the project metered on each link (median of ``--repeats`` calls).
+
+    python -m bench.transport            # the 35.75 M ddpm-cifar10 U-Net (143 MB per message)
+    python -m bench.transport --quick    # the 1.1 M tiny U-Net, < 2 min
+    python -m bench.transport --set training.device=cuda   # where a GPU is
+
+The last line of stdout is ``ratio: <project round time / bare grpcio time>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import bare_grpc
+from bench.harness import (
+    REPO,
+    BenchError,
+    child_env,
+    command_line,
+    derive_config,
+    free_port_block,
+    launch,
+    loopback_overrides,
+    machine_info,
+    machine_line,
+    median,
+    megabytes,
+    print_ratio,
+    progress,
+    tier,
+    write_config,
+)
+
+FULL_CONFIG = REPO / "configs" / "ddpm-cifar10.toml"
+QUICK_CONFIG = REPO / "common" / "configs" / "default.toml"
+LINKS = ("cloud->edge", "edge->client", "client->edge", "edge->cloud")
+
+
+def round_overrides(rounds: int) -> list[str]:
+    """One edge, one client, fp32, nothing but the round trip: no local steps, no evaluation,
+    a one-image one-step sample grid at the end."""
+    return [
+        # The data set only sizes the client's share; with no local steps nothing trains on
+        # it, so the offline digits stand in for CIFAR-10 (--set data.dataset=cifar10 to use it).
+        "data.dataset=digits", "partition.method=iid",
+        "training.local_steps=0", "training.device=cpu",
+        "topology.edges=1", "topology.clients=1", f"topology.cloud_rounds={rounds}",
+        "topology.edge_rounds=1", "topology.fraction_fit=1.0", "topology.min_fit_clients=1",
+        'topology.cloud_strategy="flwr.server.strategy.FedAvg"',
+        'topology.edge_strategy="flwr.server.strategy.FedAvg"',
+        "topology.cloud_strategy_args={}", "topology.edge_strategy_args={}",
+        "topology.connect_timeout=300", "topology.round_timeout=900",
+        "pruning.enabled=false", 'codec.downlink="fp32"', 'codec.uplink="fp32"',
+        "evaluation.final=false", "evaluation.every_cloud_rounds=0",
+        "output.grid_samples=1", "diffusion.sampling_steps=1", "output.progress=false",
+    ]
+
+
+def project_round(config: Path, out: Path, rounds: int, extra: list[str],
+                  timeout: float) -> dict[str, Any]:
+    """Run the deployment; the median steady-state cloud round and the bytes of each link."""
+    cfg = derive_config(config, [*round_overrides(rounds), *loopback_overrides(), *extra],
+                        drop=[("partition", "pairs")])
+    resolved = write_config(cfg, out / "bench-config.toml")
+    progress(f"project: {cfg.model.preset} U-Net, {rounds} cloud rounds, no local steps")
+    result = launch(resolved, out / "run", timeout=timeout, label="transport")
+    cloud = tier(result.records, "cloud")
+    steady = [r for r in cloud if r["round"] >= 2]
+    if not steady:
+        raise BenchError("the run has no cloud round after the first; use --rounds >= 2")
+    edge = [r for r in tier(result.records, "edge") if r["cloud_round"] >= 2]
+    return {
+        "preset": cfg.model.preset,
+        "rounds_measured": [r["round"] for r in steady],
+        "round_seconds": [r["seconds"] for r in steady],
+        "round_median_s": median(r["seconds"] for r in steady),
+        "edge_round_median_s": median(r["seconds"] for r in edge) if edge else None,
+        "first_round_s": cloud[0]["seconds"],
+        "bytes": {link: steady[-1]["bytes"][link] for link in LINKS},
+        "run": str(result.out),
+    }
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as sink:
+        return subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=child_env())
+
+
+def bare_round(sizes: dict[str, int], repeats: int, out: Path) -> dict[str, Any]:
+    """The same four transfers through bare grpcio processes (relay = edge, echo = client)."""
+    echo_port, relay_port = free_port_block(1), free_port_block(1)
+    module = [sys.executable, "-m", "bench.bare_grpc"]
+    echo = _start([*module, "echo", "--port", str(echo_port),
+                   "--reply-bytes", str(sizes["client->edge"])], out / "bare-echo.log")
+    relay = _start([*module, "relay", "--port", str(relay_port),
+                    "--to", f"127.0.0.1:{echo_port}",
+                    "--forward-bytes", str(sizes["edge->client"]),
+                    "--reply-bytes", str(sizes["edge->cloud"])], out / "bare-relay.log")
+    try:
+        progress(f"bare grpcio: {repeats} round trips of "
+                 f"{megabytes(sum(sizes.values()))} through relay and echo processes")
+        seconds = bare_grpc.timed_calls(f"127.0.0.1:{relay_port}", sizes["cloud->edge"],
+                                        repeats)
+    finally:
+        for process in (relay, echo):
+            process.terminate()
+            process.wait(timeout=30)
+    return {"round_seconds": seconds, "round_median_s": median(seconds)}
+
+
+def render(result: dict[str, Any]) -> str:
+    project, bare = result["project"], result["bare"]
+    sizes = project["bytes"]
+    rows = [f"| project: cloud→edge→client→edge→cloud (Flower gRPC) | "
+            f"{project['round_median_s']:.3f} s | rounds {project['rounds_measured']} |"]
+    if project["edge_round_median_s"] is not None:
+        rows.append(f"| of which the edge↔client round | {project['edge_round_median_s']:.3f} s "
+                    "| same rounds |")
+    rows.append(f"| bare grpcio relay, same bytes, same hops | {bare['round_median_s']:.3f} s | "
+                f"{len(bare['round_seconds'])} calls |")
+    lines = [
+        f"# Transport overhead ({project['preset']} U-Net, fp32, no local steps)",
+        "",
+        machine_line(result["machine"]),
+        f"command: {result['command']}",
+        "",
+        "| link | bytes per round |",
+        "|---|---|",
+        *[f"| {link} | {sizes[link]:,} |" for link in LINKS],
+        f"| all four transfers | {sum(sizes.values()):,} |",
+        "",
+        "| path | round time (median) | measured |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"project / bare = {result['ratio']:.2f} (first project round, with connection and "
+        f"model build: {project['first_round_s']:.2f} s)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.transport",
+        description="One project round with no local steps vs bare grpcio, same bytes, same hops.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny U-Net, 3 rounds (< 2 min); default: ddpm-cifar10, 4 rounds")
+    parser.add_argument("--config", type=Path, help="base config (default by --quick)")
+    parser.add_argument("--rounds", type=int, help="cloud rounds (round 1 is not measured)")
+    parser.add_argument("--repeats", type=int, default=5, help="bare grpcio calls (default 5)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="config override, after the bench's")
+    parser.add_argument("--out", type=Path, help="result folder (default runs/bench/transport)")
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args(argv)
+    config = args.config or (QUICK_CONFIG if args.quick else FULL_CONFIG)
+    rounds = args.rounds or (3 if args.quick else 4)
+    out = args.out or REPO / "runs" / "bench" / ("transport-quick" if args.quick else "transport")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    project = project_round(config, out, rounds, args.overrides, args.timeout)
+    bare = bare_round(project["bytes"], args.repeats, out)
+    result = {
+        "machine": machine_info(), "command": command_line(), "config": str(config),
+        "project": project, "bare": bare,
+        "ratio": project["round_median_s"] / bare["round_median_s"],
+        "bench_seconds": round(time.monotonic() - start, 1),
+    }
+    (out / "transport.json").write_text(json.dumps(result, indent=2))
+    table = render(result)
+    (out / "transport.md").write_text(table + "\n")
+    print(table)
+    print_ratio(result["ratio"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The benchmarks run on tiny sizes and print what outside checks read; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.traffic_quality import QUICK, Method, add_comparisons, render, run_method
+
+REPO = Path(__file__).resolve().parents[1]
+RATIO_LINE = re.compile(r"^ratio: (\d+(\.\d+)?([eE][-+]?\d+)?)$")
+
+
+def bench(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args], capture_output=True, text=True,
+        cwd=REPO, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def ratio_of(stdout: str) -> float:
+    last = stdout.strip().splitlines()[-1]
+    match = RATIO_LINE.match(last)
+    assert match, f"last line is not 'ratio: <float>': {last!r}"
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_transport_quick_ends_with_a_ratio(tmp_path):
+    result = bench("transport", "--quick", "--rounds", "2", "--repeats", "2",
+                   "--out", str(tmp_path))
+    assert ratio_of(result.stdout) > 0
+    saved = json.loads((tmp_path / "transport.json").read_text())
+    assert saved["project"]["rounds_measured"] == [2]
+    # The bare reference carried exactly the bytes the project metered on each link.
+    assert all(count > 4_000_000 for count in saved["project"]["bytes"].values())
+
+
+@pytest.mark.slow
+def test_training_overhead_quick_ends_with_a_ratio(tmp_path):
+    result = bench("training_overhead", "--quick", "--steps", "2", "--warmup", "1",
+                   "--repeats", "1", "--out", str(tmp_path))
+    assert ratio_of(result.stdout) > 0
+    saved = json.loads((tmp_path / "training_overhead.json").read_text())
+    assert saved["pruning"]["params_after"] < saved["pruning"]["params_before"]
+
+
+@pytest.mark.slow
+def test_scale_quick_writes_its_table(tmp_path):
+    bench("scale", "--quick", "--rounds", "2", "--out", str(tmp_path))
+    saved = json.loads((tmp_path / "scale.json").read_text())
+    (size,) = saved["sizes"]
+    assert size["clients"] == 6 and size["edge_clients_answered"] == 6
+    assert size["edge_peak_rss"] > 0
+    assert "| 6 | 2 | 6 |" in (tmp_path / "scale.md").read_text()
+
+
+@pytest.mark.slow
+def test_traffic_quality_quick_writes_its_table(tmp_path):
+    bench("traffic_quality", "--quick", "--methods", "fedavg", "--out", str(tmp_path))
+    table = (tmp_path / "table.md").read_text()
+    assert "| FedAvg (fp32) | flat |" in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["methods"]["fedavg"]["status"] == "ok"
+    assert saved["methods"]["fedavg"]["total_bytes"] > 0
+
+
+def test_a_method_without_its_config_is_reported_missing(tmp_path):
+    method = Method("nowhere", "Nowhere", "configs/does-not-exist.toml", "flat")
+    summary = run_method(method, QUICK, tmp_path, timeout=10, reuse=False)
+    assert summary["status"] == "missing"
+    result = {"machine": {"cpu": "x", "cores": 1, "memory_gib": 1, "date": "d", "python": "3",
+                          "torch": "t"},
+              "command": "c", "budget": QUICK.__dict__, "methods": {"nowhere": summary}}
+    assert "| Nowhere | missing: configs/does-not-exist.toml not found" in render(result,
+                                                                                 [method])
+
+
+def test_bytes_to_reach_fedavg_final_quality():
+    def run(points, cumulative, total):
+        return {"status": "ok", "mode": "flat", "points": points, "final_fd": points[-1][1],
+                "cumulative": cumulative, "total_bytes": total, "cloud_bytes": total}
+
+    results = {
+        "fedavg": run([(1, 50.0), (2, 30.0)], {1: 100, 2: 200}, 200),
+        "better": run([(1, 40.0), (2, 25.0)], {1: 10, 2: 20}, 20),
+        "worse": run([(1, 60.0), (2, 45.0)], {1: 10, 2: 20}, 20),
+    }
+    add_comparisons(results)
+    assert results["fedavg"]["bytes_to_fedavg_final"] == 200
+    assert results["better"]["bytes_to_fedavg_final"] == 20
+    assert results["better"]["traffic_vs_fedavg_pct"] == pytest.approx(-90.0)
+    assert results["better"]["cloud_traffic_vs_fedavg_pct"] == pytest.approx(-90.0)
+    assert results["better"]["fd_vs_fedavg_pct"] == pytest.approx(100 * (25 - 30) / 30)
+    assert results["worse"]["bytes_to_fedavg_final"] is None
