@@ -12,11 +12,13 @@ model is saved in its state folder after every round and reloaded after a restar
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ from common.evaluate import evaluate_model
 from common.images import save_grid
 from common.instructions import (
     ARCH_KEY,
+    CLOUD_ROUND_KEY,
     CONTROL_DELTA_KEY,
     GROUP_LASSO_KEY,
     LOCAL_STEPS_KEY,
@@ -48,6 +51,7 @@ from common.instructions import (
     MOON_MU_KEY,
     MOON_TAU_KEY,
     MOVE_KEY,
+    ROUND_KEY,
     SERVER_CONTROL_KEY,
 )
 from common.limits import max_message_bytes
@@ -86,6 +90,7 @@ from common.transport import (
     GetPropertiesIns,
     GetPropertiesRes,
     Parameters,
+    ServerUnreachable,
     Status,
     connect_client,
     fit_ins_wire_size,
@@ -133,6 +138,27 @@ def local_data(cfg: RunConfig, client_id: int, data_dir: str | None = None) -> L
     return LocalData(Subset(images, indices.tolist()), hist)
 
 
+@dataclass
+class RoundStart:
+    """A client's state when a cloud round began, kept until the next cloud round: a cloud
+    that resumes from its checkpoint sends that round again, and the client replays it from
+    here, so the resumed run trains exactly as an uninterrupted one."""
+
+    cloud_round: int
+    state: dict[str, Any]
+
+
+def cpu_copy(value: Any) -> Any:
+    """A deep copy with every tensor cloned to the CPU (snapshots do not hold GPU memory)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(cpu_copy(item) for item in value)
+    return copy.deepcopy(value)
+
+
 class DiffusionClient(Client):
     """A Flower client that trains a DDPM U-Net on local images."""
 
@@ -156,6 +182,8 @@ class DiffusionClient(Client):
         self.rng = np.random.default_rng([cfg.seed, client_id])
         self.trainer: DiffusionTrainer | None = None
         self.batches = None
+        self.round_start: RoundStart | None = None
+        self.last_round = -1  # the ROUND_KEY of the last instruction trained
 
     def _training_config(self):
         # Each client draws its own noise and batch order: same run seed, distinct streams.
@@ -250,6 +278,7 @@ class DiffusionClient(Client):
             raise ValueError(f"instruction without {ARCH_KEY!r}: not a FedPhD server?")
         sent, trained, returned = (parse_groups(ins.config.get(key)) for key in
                                    (SEND_GROUPS_KEY, TRAIN_GROUPS_KEY, RETURN_GROUPS_KEY))
+        self._mark_round(ins.config)
         self._prepare(str(ins.config[ARCH_KEY]), private=not is_everything(sent))
         trainer = self.trainer
         names = tensor_names(self.arch_json)
@@ -306,6 +335,51 @@ class DiffusionClient(Client):
                 **self._scaffold_answer(scaffold),
             },
         )
+
+    def _mark_round(self, config: dict) -> None:
+        """Keep the state at the start of each cloud round; an instruction for a round this
+        client already trained in (the cloud resumed from its checkpoint) rewinds to it."""
+        step = int(config.get(ROUND_KEY, 0))
+        cloud_round = int(config.get(CLOUD_ROUND_KEY, step))
+        start = self.round_start
+        if start is None or cloud_round > start.cloud_round:
+            self.round_start = RoundStart(cloud_round, self._state())
+        elif cloud_round == start.cloud_round and step <= self.last_round:
+            log.info("client %d: cloud round %d again (the server resumed): replaying it from "
+                     "its start", self.client_id, cloud_round)
+            self._set_state(start.state)
+        elif cloud_round < start.cloud_round:
+            log.warning("client %d: instruction for cloud round %d after round %d: this "
+                        "client's state cannot go back that far, it trains on from where it "
+                        "is", self.client_id, cloud_round, start.cloud_round)
+        self.last_round = step
+
+    def _state(self) -> dict[str, Any]:
+        """Everything training carries from round to round, copied (tensors to the CPU)."""
+        trainer = None
+        if self.trainer is not None:
+            trainer = {"weights": self.trainer.model.state_dict(),
+                       "trainer": self.trainer.state_dict(),
+                       "batches": self.batches.position}
+        return cpu_copy({
+            "arch_json": self.arch_json, "trainer": trainer, "feedback": self.feedback,
+            "held": self.held, "previous_local": self.previous_local,
+            "scaffold_c": self.scaffold_c, "rng": self.rng,
+        })
+
+    def _set_state(self, saved: dict[str, Any]) -> None:
+        state = cpu_copy(saved)  # the snapshot stays as it is for another replay
+        if state["trainer"] is None:
+            self.trainer, self.batches, self.arch_json = None, None, None
+        else:
+            if state["arch_json"] != self.arch_json:
+                self._rebuild(state["arch_json"])
+            self.trainer.model.load_state_dict(state["trainer"]["weights"])
+            self.trainer.load_state_dict(state["trainer"]["trainer"])
+            self.batches.seek(state["trainer"]["batches"])
+        self.feedback, self.held = state["feedback"], state["held"]
+        self.previous_local, self.scaffold_c = state["previous_local"], state["scaffold_c"]
+        self.rng = state["rng"]
 
     def _prepare(self, arch_json: str, private: bool) -> None:
         """The model for this instruction: rebuilt when the architecture changed, and, when
@@ -418,23 +492,49 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(cfg.seed + args.client_id)
     device = setup_torch(cfg.training, args.device)
     data = local_data(cfg, args.client_id, args.data_dir)
-    address = args.server or server_address_of_client(args.client_id, cfg.topology)
+    addresses = server_addresses(args.server) or [
+        server_address_of_client(args.client_id, cfg.topology)]
     log.info(
         "client %d: %d images, labels %s, connecting to %s (%s)",
-        args.client_id, len(data.dataset), data.label_hist, address, describe_tls(cfg.tls),
+        args.client_id, len(data.dataset), data.label_hist, addresses[0], describe_tls(cfg.tls),
     )
     state_dir = Path(args.state_dir) if args.state_dir else None
     client = DiffusionClient(cfg, args.client_id, data, device, state_dir)
     message_limit = max_message_bytes(cfg)
+    address, given_up = addresses[0], 0
     while True:
-        connect_client(address, client, max_wait_time=cfg.topology.connect_timeout,
-                       max_message_length=message_limit, root_certificates=root_certificates)
+        try:
+            connect_client(address, client, max_wait_time=cfg.topology.connect_timeout,
+                           max_message_length=message_limit,
+                           root_certificates=root_certificates)
+        except ServerUnreachable:
+            # Every address given up on in a row: nothing left to try.
+            given_up += 1
+            if given_up >= len(addresses):
+                raise
+            gone, address = address, fallback_after(address, addresses)
+            log.warning("client %d: %s is gone; joining %s", args.client_id, gone, address)
+            continue
+        given_up = 0
         if client.move_to is None:
             break
         address, client.move_to = client.move_to, None
         log.info("client %d: joining %s", args.client_id, address)
     log.info("client %d: disconnected by the server, exiting", args.client_id)
     return 0
+
+
+def server_addresses(option: str | None) -> list[str]:
+    """``--server A,B,...``: the server to join, then fallbacks in order."""
+    return [part.strip() for part in (option or "").split(",") if part.strip()]
+
+
+def fallback_after(address: str, addresses: list[str]) -> str:
+    """The next address of the list after ``address`` (cyclic; a server that moved this
+    client elsewhere may not be in the list: then the first)."""
+    if address not in addresses:
+        return addresses[0]
+    return addresses[(addresses.index(address) + 1) % len(addresses)]
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -447,8 +547,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_config_args(parser)
     parser.add_argument(
         "--server",
-        metavar="HOST:PORT",
-        help="address of the edge (or cloud) to join (default: from the config's topology)",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="address of the edge (or cloud) to join (default: from the config's topology); "
+        "further addresses are fallbacks: when a server stays unreachable for "
+        "topology.connect_timeout seconds, the client joins the next one (e.g. another edge "
+        "when its own is gone for good)",
     )
     parser.add_argument(
         "--client-id",

@@ -44,21 +44,68 @@ def ddpm_loss(
     return F.mse_loss(model(noisy, steps).sample, noise)
 
 
+class BatchStream(Iterator[torch.Tensor]):
+    """Shuffled image batches forever. Epoch ``e`` visits the images in a permutation seeded
+    by ``(seed, e)``, so the number of batches drawn (:attr:`position`) is the stream's whole
+    state: :meth:`seek` returns to any earlier point (a client replaying a round) without
+    reading the skipped images."""
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, device: torch.device,
+        position: int = 0,
+    ) -> None:
+        if len(dataset) == 0:
+            raise ValueError("cannot draw batches from an empty data set")
+        self.dataset = dataset
+        self.batch_size = min(batch_size, len(dataset))
+        self.seed = seed
+        self.device = device
+        # As DataLoader(drop_last=True) when there is more than one batch: equal batch sizes.
+        self.drop_last = len(dataset) >= batch_size
+        self.position = 0
+        self._loader: Iterator | None = None
+        self.seek(position)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The index batches of one epoch."""
+        seed = np.random.SeedSequence([self.seed % 2**63, epoch]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        return [order[start:start + self.batch_size]
+                for start in range(0, self.batches_per_epoch * self.batch_size,
+                                   self.batch_size)]
+
+    def seek(self, position: int) -> None:
+        """Continue from ``position`` batches into the stream."""
+        if position < 0:
+            raise ValueError(f"a batch stream position is >= 0, got {position}")
+        self.position = position
+        self._loader = self._batches_from(position)
+
+    def _batches_from(self, position: int) -> Iterator[torch.Tensor]:
+        epoch, offset = divmod(position, self.batches_per_epoch)
+        while True:
+            sampler = self.epoch_batches(epoch)[offset:]
+            for images, _labels in DataLoader(self.dataset, batch_sampler=sampler):
+                yield images.to(self.device)
+            epoch, offset = epoch + 1, 0
+
+    def __next__(self) -> torch.Tensor:
+        batch = next(self._loader)
+        self.position += 1
+        return batch
+
+
 def endless_batches(
     dataset: Dataset, batch_size: int, seed: int, device: torch.device
-) -> Iterator[torch.Tensor]:
-    """Shuffled image batches forever (a new epoch order from the seeded generator each pass)."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=min(batch_size, len(dataset)),
-        shuffle=True,
-        drop_last=len(dataset) >= batch_size,
-        generator=generator,
-    )
-    while True:
-        for images, _labels in loader:
-            yield images.to(device)
+) -> BatchStream:
+    """Shuffled image batches forever (a new seeded epoch order each pass)."""
+    return BatchStream(dataset, batch_size, seed, device)
 
 
 class DiffusionTrainer:
@@ -102,6 +149,22 @@ class DiffusionTrainer:
         self.lr_schedule.step()
         self.steps_done += 1
         return float(loss.detach())
+
+    def state_dict(self) -> dict:
+        """Everything training carries from one step to the next besides the weights: Adam's
+        moments, the warm-up position, the noise generator and the step count."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "generator": self.generator.get_state(),
+            "steps_done": self.steps_done,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.generator.set_state(state["generator"])
+        self.steps_done = int(state["steps_done"])
 
     def train(
         self, batches: Iterator[torch.Tensor], steps: int, progress=None, extra_loss=None,

@@ -14,6 +14,9 @@ from common.strategy import ARCH_KEY, ROUND_KEY, UPLINK_KEY
 LOCAL_STEPS_KEY = "fedphd.local_steps"
 LR_KEY = "fedphd.lr"
 EDGE_ROUNDS_KEY = "fedphd.edge_rounds"
+# The cloud round an edge's instruction belongs to (flat mode: ROUND_KEY is the cloud round).
+# A client seeing a cloud round again replays it from that round's start (resumed cloud).
+CLOUD_ROUND_KEY = "fedphd.cloud_round"
 GROUP_LASSO_KEY = "fedphd.group_lasso"  # lambda of FedPhD's sparse training, 0 = off
 # Re-assignment: {client_id: edge address} from the cloud; an edge sends MOVE_KEY to a client.
 ASSIGNMENT_KEY = "fedphd.assignment"
@@ -28,6 +31,7 @@ MOON_TAU_KEY = "moon_tau"
 __all__ = [
     "ARCH_KEY",
     "ASSIGNMENT_KEY",
+    "CLOUD_ROUND_KEY",
     "CONTROL_DELTA_KEY",
     "MOON_MU_KEY",
     "MOON_TAU_KEY",

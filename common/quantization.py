@@ -325,6 +325,13 @@ class ErrorFeedback:
         """Forget all residuals."""
         self._residuals = []
 
+    def snapshot(self) -> ErrorFeedback:
+        """An independent copy; residual arrays are shared (they are replaced, never
+        modified), so a copy costs no model-sized memory."""
+        copied = ErrorFeedback()
+        copied._residuals = list(self._residuals)
+        return copied
+
     def compensate(self, deltas: Sequence[np.ndarray]) -> list[np.ndarray]:
         """``deltas + residual`` per float tensor (float32); other tensors are returned as-is."""
         if len(deltas) != len(self._residuals):

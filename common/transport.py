@@ -13,9 +13,12 @@ file only. Everything here is Flower's own machinery; the project adds two thing
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import random
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import grpc
@@ -62,6 +65,7 @@ except ImportError:  # pragma: no cover
 from flwr.compat.client.client import Client  # noqa: E402
 
 __all__ = [
+    "BoundedClientManager",
     "Client",
     "ClientManager",
     "ClientProxy",
@@ -78,6 +82,7 @@ __all__ = [
     "Parameters",
     "Scalar",
     "Server",
+    "ServerUnreachable",
     "SimpleClientManager",
     "Status",
     "Traffic",
@@ -97,22 +102,24 @@ __all__ = [
 
 GRPC_MAX_MESSAGE_LENGTH = 2_147_483_647  # gRPC's ceiling; runs pass common.limits' limit
 MAX_RETRY_DELAY = 3.0
-# A refused connection fails within milliseconds; an attempt that lasted longer had a session.
-SESSION_SECONDS = 2.0
 
 log = logging.getLogger("fedphd.transport")
 
 
 @dataclass
 class Traffic:
-    """Bytes of serialised messages: ``down`` = server to client, ``up`` = client to server."""
+    """Bytes of serialised training messages (fit and evaluate): ``down`` = server to client,
+    ``up`` = client to server; ``control``: both ways, the small messages around them (a
+    peer's properties, reconnect orders)."""
 
     down: int = 0
     up: int = 0
     messages: int = 0
+    control: int = 0
 
     def __add__(self, other: Traffic) -> Traffic:
-        return Traffic(self.down + other.down, self.up + other.up, self.messages + other.messages)
+        return Traffic(self.down + other.down, self.up + other.up,
+                       self.messages + other.messages, self.control + other.control)
 
 
 @dataclass
@@ -124,10 +131,20 @@ class TrafficMeter:
     _total: Traffic = field(default_factory=Traffic)
 
     def record(self, down: int = 0, up: int = 0) -> None:
+        self._add(Traffic(down, up, 1))
+
+    def record_control(self, size: int) -> None:
+        self._add(Traffic(control=size))
+
+    def _add(self, delta: Traffic) -> None:
         with self._lock:
-            delta = Traffic(down, up, 1)
             self._since_take += delta
             self._total += delta
+
+    def carry_over(self, total: Traffic) -> None:
+        """Start the totals from an earlier process's (a resumed cloud)."""
+        with self._lock:
+            self._total = self._total + total
 
     def take(self) -> Traffic:
         """Traffic since the previous call (the round that just ended), and reset it."""
@@ -138,7 +155,10 @@ class TrafficMeter:
     @property
     def total(self) -> Traffic:
         with self._lock:
-            return Traffic(self._total.down, self._total.up, self._total.messages)
+            return dataclasses.replace(self._total)
+
+
+TRAINING_MESSAGES = ("fit_ins", "evaluate_ins")
 
 
 class _MeteredBridge(GrpcBridge):
@@ -149,9 +169,14 @@ class _MeteredBridge(GrpcBridge):
         self._meter = meter
 
     def request(self, ins_wrapper: InsWrapper) -> ResWrapper:
+        message = ins_wrapper.server_message
+        if message.WhichOneof("msg") not in TRAINING_MESSAGES:
+            res_wrapper = super().request(ins_wrapper)
+            self._meter.record_control(message.ByteSize() + res_wrapper.client_message.ByteSize())
+            return res_wrapper
         # Counted before the answer: the instruction was put on the stream even if the
         # client dies before it replies.
-        self._meter.record(down=ins_wrapper.server_message.ByteSize())
+        self._meter.record(down=message.ByteSize())
         res_wrapper = super().request(ins_wrapper)
         self._meter.record(up=res_wrapper.client_message.ByteSize())
         return res_wrapper
@@ -187,6 +212,61 @@ def start_flower_server(
     return server
 
 
+class BoundedClientManager(SimpleClientManager):
+    """Flower's ``SimpleClientManager`` with two changes that a long, reproducible run needs.
+
+    * Bounded waits: sampling waits at most ``max_wait`` seconds for the strategy's minimum
+      number of peers (Flower's own wait is a day), so a peer that never comes back costs one
+      bounded wait, then the round runs with the others or is skipped.
+    * Sampling by identity: the candidates are ordered by the peer's declared id
+      (``client_id``/``edge_id`` from its properties, asked once per connection) before
+      Flower's ``random.sample``, not by connection order, so the same seed picks the same
+      peers in the same order whatever order they connected in (or reconnected, after a
+      crash).
+    """
+
+    def __init__(self, max_wait: float, identify_timeout: float | None = None) -> None:
+        super().__init__()
+        self.max_wait = max_wait
+        # An edge answers once its own clients are connected: as long as a peer wait.
+        self.identify_timeout = max_wait if identify_timeout is None else identify_timeout
+        self._identities: dict[str, tuple[int, str]] = {}
+
+    def unregister(self, client: ClientProxy) -> None:
+        self._identities.pop(client.cid, None)
+        super().unregister(client)
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None,
+               criterion=None) -> list[ClientProxy]:
+        self.wait_for(num_clients if min_num_clients is None else min_num_clients,
+                      timeout=max(1, int(self.max_wait)))
+        connected = dict(self.clients)  # a copy: gRPC threads change it
+        available = [cid for cid in connected
+                     if criterion is None or criterion.select(connected[cid])]
+        if num_clients > len(available):
+            log.info("sampling failed: %d peers available, %d requested", len(available),
+                     num_clients)
+            return []
+        # Sorted even when all are taken: the order of the instructions decides which
+        # receiver gets which draws of a stochastic-rounding generator.
+        available.sort(key=lambda cid: self.identity(connected[cid]))
+        return [connected[cid] for cid in random.sample(available, num_clients)]
+
+    def identity(self, proxy: ClientProxy) -> tuple[int, str]:
+        """``(declared id, connection id)``; peers that declare none sort last."""
+        if proxy.cid not in self._identities:
+            declared = 1 << 62
+            try:
+                properties = proxy.get_properties(GetPropertiesIns(config={}),
+                                                  timeout=self.identify_timeout,
+                                                  group_id=None).properties
+                declared = int(properties.get("client_id", properties.get("edge_id", declared)))
+            except Exception as error:  # noqa: BLE001 - an unknown peer still takes part
+                log.warning("peer %s did not say who it is (%r)", proxy.cid, error)
+            self._identities[proxy.cid] = (declared, proxy.cid)
+        return self._identities[proxy.cid]
+
+
 def new_server(strategy, client_manager: ClientManager | None = None) -> Server:
     """A Flower ``Server`` over a ``SimpleClientManager`` (the driver calls ``fit_round``)."""
     # Not `client_manager or ...`: a manager with no clients yet has len() 0 and is falsy.
@@ -198,6 +278,57 @@ def new_server(strategy, client_manager: ClientManager | None = None) -> Server:
 def wait_for_clients(client_manager: ClientManager, count: int, timeout: float) -> bool:
     """Wait until ``count`` clients are connected, at most ``timeout`` seconds."""
     return client_manager.wait_for(count, timeout=max(1, int(timeout)))
+
+
+class _SessionCounter(Client):
+    """Passes every message to ``client`` and counts them: an attempt that delivered one had
+    a session with the server (a refused or failed connection delivers none)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.messages = 0
+
+    def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
+        self.messages += 1
+        return self.client.get_properties(ins)
+
+    def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
+        self.messages += 1
+        return self.client.get_parameters(ins)
+
+    def fit(self, ins: FitIns) -> FitRes:
+        self.messages += 1
+        return self.client.fit(ins)
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        self.messages += 1
+        return self.client.evaluate(ins)
+
+
+def _is_closed_channel_watcher(args: threading.ExceptHookArgs) -> bool:
+    """grpc's connectivity-polling thread (Flower subscribes one per channel) can outlive its
+    channel by a moment and then raises ``ValueError: ... Channel closed!``, a harmless race
+    inside grpc."""
+    frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+    return (args.exc_type is ValueError and "Channel closed" in str(args.exc_value)
+            and any(frame.name == "_poll_connectivity" for frame in frames))
+
+
+def quiet_closed_channel_watchers() -> None:
+    """Keep grpc's closed-channel race out of the user's terminal (a debug line instead of a
+    traceback); any other exception in a thread goes to the hook that was there before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_closed_channels", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if _is_closed_channel_watcher(args):
+            log.debug("grpc stopped watching a closed channel: %s", args.exc_value)
+            return
+        previous(args)
+
+    hook.quiets_closed_channels = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def connect_client(
@@ -215,14 +346,16 @@ def connect_client(
     that ran (the server went away later) restarts that clock, so a client rejoins a
     server that comes back.
     """
+    quiet_closed_channel_watchers()
     deadline = time.monotonic() + max_wait_time
     delay = 0.2
+    counter = _SessionCounter(client)
     while True:
-        attempt = time.monotonic()
+        messages_before = counter.messages
         try:
             start_client(
                 server_address=address,
-                client=client,
+                client=counter,
                 grpc_max_message_length=max_message_length,
                 root_certificates=root_certificates,
                 insecure=root_certificates is None,
@@ -247,18 +380,22 @@ def connect_client(
                 raise ConnectionError(tls_failure_message(address, root_certificates,
                                                           str(error.details()))) from None
             now = time.monotonic()
-            if now - attempt > SESSION_SECONDS:
+            if counter.messages > messages_before:
                 log.warning("the session with the server at %s ended (%s); rejoining",
                             address, error.details())
                 deadline, delay = now + max_wait_time, 0.2
             if now + delay > deadline:
                 hint = "" if root_certificates is not None else PLAINTEXT_HINT
-                raise ConnectionError(
+                raise ServerUnreachable(
                     f"cannot reach the Flower server at {address} "
                     f"(gave up after {max_wait_time:.0f} s): {error.details()}{hint}"
                 ) from None
             time.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY)
+
+
+class ServerUnreachable(ConnectionError):
+    """No server answered at the address for the whole wait (another may: a fallback)."""
 
 
 LIMIT_FIELD = "topology.max_message_mb"

@@ -11,8 +11,10 @@ per-round log and the bytes its client link carried.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import random
 import time
 
 import numpy as np
@@ -23,6 +25,7 @@ from common.config import RunConfig
 from common.instructions import (
     ARCH_KEY,
     ASSIGNMENT_KEY,
+    CLOUD_ROUND_KEY,
     EDGE_ROUNDS_KEY,
     GROUP_LASSO_KEY,
     MOVE_KEY,
@@ -46,6 +49,7 @@ from common.strategy import (
 from common.tls import client_root_certificates, describe_tls, server_certificates
 from common.topology import clients_of_edge, cloud_address, edge_address
 from common.transport import (
+    BoundedClientManager,
     Client,
     Code,
     FitIns,
@@ -55,7 +59,6 @@ from common.transport import (
     GetPropertiesIns,
     GetPropertiesRes,
     Parameters,
-    SimpleClientManager,
     Status,
     TrafficMeter,
     connect_client,
@@ -93,13 +96,15 @@ class EdgeAggregator(Client):
         self._client_models_arch = ""
         self.rng = np.random.default_rng([cfg.seed, 100 + edge_id])
         self.meter = TrafficMeter()
-        self.client_manager = SimpleClientManager()
+        self.client_manager = BoundedClientManager(cfg.topology.connect_timeout)
         self.expected_clients = len(clients_of_edge(edge_id, cfg.topology))
         self.message_limit = max_message_bytes(cfg)
         self.grpc_server = start_flower_server(listen, self.client_manager, self.meter,
                                                max_message_length=self.message_limit,
                                                certificates=server_certificates(cfg.tls))
         self.edge_round = 0
+        # The state when the latest cloud round began: a resumed cloud sends it again.
+        self.round_start: tuple[int, dict] | None = None
         log.info("edge %d: serving clients on %s (%s, expecting %d)", edge_id, listen,
                  describe_tls(cfg.tls), self.expected_clients)
 
@@ -169,8 +174,35 @@ class EdgeAggregator(Client):
                 metrics={"edge_id": self.edge_id},
             )
 
+    def _mark_cloud_round(self, cloud_round: int) -> None:
+        """Keep what this edge carries between cloud rounds (quantisation residuals and
+        models held on both links, the rounding generator) as it was when each cloud round
+        began; the same cloud round again (the cloud resumed from its checkpoint) is
+        replayed from there, as its clients replay theirs."""
+        if self.round_start is not None and cloud_round == self.round_start[0]:
+            log.info("edge %d: cloud round %d again (the cloud resumed): replaying it from its "
+                     "start", self.edge_id, cloud_round)
+            self._set_carried(self.round_start[1])
+            return
+        self.round_start = (cloud_round, self._carried())
+
+    def _carried(self) -> dict:
+        """Copies that share the arrays: held models and residuals are replaced each round,
+        never modified, so a snapshot costs no model-sized memory per client."""
+        return {"feedback": self.feedback.snapshot(), "held": copy.copy(self.held),
+                "rng": copy.deepcopy(self.rng), "client_models": dict(self._client_models),
+                "client_models_arch": self._client_models_arch}
+
+    def _set_carried(self, carried: dict) -> None:
+        self.feedback, self.held = carried["feedback"].snapshot(), copy.copy(carried["held"])
+        self.rng = copy.deepcopy(carried["rng"])
+        self._client_models.clear()  # in place: the edge strategy shares this dict
+        self._client_models.update(carried["client_models"])
+        self._client_models_arch = carried["client_models_arch"]
+
     def _edge_strategy(
-        self, global_parameters: Parameters, arch_json: str, group_lasso: float
+        self, global_parameters: Parameters, arch_json: str, group_lasso: float,
+        cloud_round: int,
     ) -> ManagedStrategy:
         # A fresh strategy per cloud round: after a cloud aggregation every edge restarts from
         # the global model, including any server-side optimiser state of its strategy.
@@ -187,8 +219,9 @@ class EdgeAggregator(Client):
         if arch_json != self._client_models_arch:  # pruned: what clients held is moot
             self._client_models, self._client_models_arch = {}, arch_json
         return ManagedStrategy.with_codecs(
-            inner, client_instruction(self.cfg, arch_json, group_lasso), self.cfg.codec,
-            held=self._client_models, link="edge",
+            inner,
+            {**client_instruction(self.cfg, arch_json, group_lasso), CLOUD_ROUND_KEY: cloud_round},
+            self.cfg.codec, held=self._client_models, link="edge",
         )
 
     def _wait_for_clients(self) -> None:
@@ -208,6 +241,8 @@ class EdgeAggregator(Client):
     def _fit(self, ins: FitIns) -> FitRes:
         received = fit_ins_wire_size(ins)
         cloud_round = int(ins.config[ROUND_KEY])
+        log.info("edge %d: cloud round %d begins", self.edge_id, cloud_round)
+        self._mark_cloud_round(cloud_round)
         if ASSIGNMENT_KEY in ins.config:
             self._apply_assignment(str(ins.config[ASSIGNMENT_KEY]))
         edge_rounds = int(ins.config.get(EDGE_ROUNDS_KEY, self.cfg.topology.edge_rounds))
@@ -216,16 +251,20 @@ class EdgeAggregator(Client):
         global_parameters = ndarrays_to_parameters(global_arrays)
         strategy = self._edge_strategy(
             global_parameters, str(ins.config[ARCH_KEY]),
-            float(ins.config.get(GROUP_LASSO_KEY, 0.0)),
+            float(ins.config.get(GROUP_LASSO_KEY, 0.0)), cloud_round,
         )
         server = new_server(strategy, self.client_manager)
         server.parameters = global_parameters
         self._wait_for_clients()
         records, hist, last = [], [], None
-        # A restarted edge picks up the numbering from the cloud round, as if it never died.
-        self.edge_round = max(self.edge_round, (cloud_round - 1) * edge_rounds)
+        # Edge rounds are numbered from the cloud round: a restarted edge, or one replaying a
+        # cloud round, numbers them as one that never stopped.
+        self.edge_round = (cloud_round - 1) * edge_rounds
         for _ in range(edge_rounds):
             self.edge_round += 1
+            # Flower samples clients with Python's generator: seeded per round, a replayed
+            # round samples the same clients.
+            random.seed(f"{self.cfg.seed}-edge-{self.edge_id}-{self.edge_round}")
             outcome = run_fit_round(
                 server, strategy, self.meter, self.edge_round, self.cfg.topology.round_timeout
             )
@@ -246,6 +285,7 @@ class EdgeAggregator(Client):
                         "edge->client": outcome.traffic.down,
                         "client->edge": outcome.traffic.up,
                     },
+                    "control_bytes": outcome.traffic.control,
                     "digests_checked": summary.digests_checked,
                     "digest_mismatches": summary.digest_mismatches,
                     "reported_by_clients": {

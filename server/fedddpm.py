@@ -133,6 +133,25 @@ class FedDDPM(FedAvg):
         self._model: torch.nn.Module | None = None
         self._trainer: DiffusionTrainer | None = None  # Adam's moments last across corrections
         self._batches = None
+        self._saved_trainer: tuple[dict, int] | None = None  # from a checkpoint, until used
+
+    def state_dict(self) -> dict:
+        """What a resumed cloud needs: the auxiliary set, FedDDPM+'s loss history and the
+        server optimiser (Adam state, noise generator, batch position)."""
+        state = {"aux_train": self.aux_train, "aux_heldout": self.aux_heldout,
+                 "history": list(self.slow.history)}
+        if self._trainer is not None:
+            state["trainer"] = self._trainer.state_dict()
+            state["batches"] = self._batches.position
+        elif self._saved_trainer is not None:
+            state["trainer"], state["batches"] = self._saved_trainer
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.aux_train, self.aux_heldout = state["aux_train"], state["aux_heldout"]
+        self.slow.history = list(state["history"])
+        if "trainer" in state:
+            self._saved_trainer = (state["trainer"], int(state["batches"]))
 
     def __repr__(self) -> str:
         return f"FedDDPM(plus={self.plus}, aux_samples={self.aux_samples})"
@@ -227,4 +246,9 @@ class FedDDPM(FedAvg):
             labels = torch.zeros(len(self.aux_train), dtype=torch.long)  # unused, loader shape
             self._batches = endless_batches(TensorDataset(self.aux_train, labels),
                                             training.batch_size, self.cfg.seed, self.device)
+            if self._saved_trainer is not None:
+                trainer_state, position = self._saved_trainer
+                self._trainer.load_state_dict(trainer_state)
+                self._batches.seek(position)
+                self._saved_trainer = None
         self._trainer.train(self._batches, self.server_steps)

@@ -168,3 +168,37 @@ def test_fedddpm_configs_run_end_to_end(variant, tmp_path, ports):
         detector = SlowLearning(window=1, threshold=0.2)
         assert flags == [detector.observe(r["strategy"]["aux_loss"]) for r in later]
         assert flags[0] is False
+
+
+def test_a_checkpointed_fedddpm_corrects_the_next_round_as_the_original(tmp_path):
+    """The auxiliary set, FedDDPM+'s loss history and the server optimiser (Adam moments,
+    noise generator, batch position) survive a cloud checkpoint: the restored strategy's next
+    round is bit-identical to the original's."""
+    from common.checkpoint import CloudCheckpoint, restore_strategy, strategy_state
+
+    original = strategy(plus=True, window=1, threshold=1e9)
+    proxies = pretrained(original, manager_with(2))
+    for server_round in (2, 3, 4):  # corrected in round 3 (the trainer exists), not in 4
+        original.aggregate_fit(server_round, answers(proxies, [perturbed(0.02, server_round)] * 2,
+                                                     [1, 1]), [])
+    cfg = load_config()
+    CloudCheckpoint(4, ARCH, [], False, strategy_state(original), {}, {}, (0, 0, 0), 0,
+                    cfg.model_dump(mode="json")).save(tmp_path)
+    restored = strategy(plus=True, window=1, threshold=1e9)
+    restore_strategy(restored, CloudCheckpoint.load(tmp_path).strategy)
+    fresh = strategy(plus=True, window=1, threshold=1e9)
+    pretrained(fresh, manager_with(2))
+
+    def next_round(fed: FedDDPM) -> tuple[list[np.ndarray], dict]:
+        models = [perturbed(0.02, 5), perturbed(0.02, 15)]
+        params, metrics = fed.aggregate_fit(5, answers(proxies, models, [10, 30]), [])
+        return codec.decode(params), metrics
+
+    expected, expected_metrics = next_round(original)
+    again, metrics = next_round(restored)
+    timing = "server_seconds"
+    assert metrics.pop(timing) > 0 and expected_metrics.pop(timing) > 0
+    assert metrics == expected_metrics and expected_metrics["corrected"] is True
+    assert all(np.array_equal(a, b) for a, b in zip(again, expected, strict=True))
+    # Without the saved history, FedDDPM+ would not have corrected this round.
+    assert next_round(fresh)[1]["corrected"] != expected_metrics["corrected"]

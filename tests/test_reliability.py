@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffusers import UNet2DModel
 
 from common.config import load_config
+from common.diffusion import load_model
 from common.launcher import write_resolved_config
 from common.limits import GRPC_CEILING_BYTES, MESSAGE_MARGIN_BYTES, max_message_bytes, model_bytes
 from common.models import build_unet, model_to_ndarrays, unet_config
+from common.topology import edge_of_client
 from tests.conftest import free_port_block
 
 # Fast rounds on the offline digits; plaintext, since these processes are all ours.
@@ -125,7 +126,8 @@ def finish(procs: Processes, cloud: subprocess.Popen, timeout: float) -> None:
 
 
 def saved_model(out: Path) -> list[np.ndarray]:
-    return model_to_ndarrays(UNet2DModel.from_pretrained(out / "model", use_safetensors=True))
+    """The run's final model as saved (a pruned one too), through the product's loader."""
+    return model_to_ndarrays(load_model(out / "model")[0])
 
 
 def test_message_limit_follows_the_model_size():
@@ -238,7 +240,9 @@ def test_killed_and_hanging_clients_fail_their_round_and_rejoin(tmp_path, proces
     # The restarted client rejoined; the hanging one failed its round after the timeout.
     assert sorted(hung["participants"]) == ["client 0", "client 2"], hung
     assert hung["failures"] == 1 and hung["model_updated"]
-    assert hung["seconds"] >= timeout - 1
+    # Flower's server counts a client's time from its previous answer: the wait for the
+    # restarted client before this round counts too.
+    assert hung["seconds"] + hung["waited_seconds"] >= timeout - 3, hung
     assert sorted(last["participants"]) == ["client 0", "client 1", "client 2"], last
     assert "rejoining" in processes.log("client-1")
     # Everyone, the resumed client included, was released at the end.
@@ -350,3 +354,215 @@ def test_a_killed_edge_fails_its_cloud_round_and_comes_back_with_its_client(tmp_
     assert "rejoining" in processes.log("client-1")
     for name in ("client-0", "client-1", "edge-0", "edge-1"):
         assert processes.started[name].wait(timeout=60) == 0, processes.logs()
+
+
+def all_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def edge_rounds(records: list[dict]) -> list[tuple[int, int, tuple[str, ...]]]:
+    return sorted((r["edge"], r["round"], tuple(sorted(r["clients"])))
+                  for r in records if r["tier"] == "edge")
+
+
+def steps_logged(procs: Processes, name: str) -> int:
+    """Local trainings a client has finished (one log line each)."""
+    return procs.log(name).count(" steps in ")
+
+
+def same_models(left: Path, right: Path) -> bool:
+    return all(np.array_equal(a, b)
+               for a, b in zip(saved_model(left), saved_model(right), strict=True))
+
+
+@pytest.fixture
+def straight(tmp_path):
+    """A second set of processes, for the same run without a crash."""
+    procs = Processes(tmp_path / "straight-logs")
+    yield procs
+    procs.stop_all()
+
+
+def crash_in_round_3(procs: Processes, config: Path, address: str, out: Path, held: str,
+                     other_done, replayed_by: str) -> None:
+    """With ``held`` stopped (SIGSTOP), round 3 cannot end; once ``other_done()``, the cloud
+    is killed (SIGKILL) and started again with --resume, ``held`` goes on, and the resumed
+    run must finish with ``replayed_by`` having replayed round 3."""
+    os.kill(procs.started[held].pid, signal.SIGSTOP)
+    wait_until(other_done, 300, "the others to finish round 3", procs)
+    assert len(cloud_records(out)) == 2, procs.logs()  # round 3 waits for the stopped one
+    procs.started["cloud"].kill()
+    procs.started["cloud"].wait(timeout=30)
+    cloud = procs.fedphd("cloud-resumed", "cloud", "--config", str(config), "--listen",
+                         address, "--out", str(out), "--resume")
+    os.kill(procs.started[held].pid, signal.SIGCONT)
+    finish(procs, cloud, timeout=600)
+    assert "resuming after cloud round 2 of 4" in procs.log("cloud-resumed"), procs.logs()
+    assert "cloud round 3 again" in procs.log(replayed_by), procs.logs()
+
+
+@pytest.mark.slow
+def test_a_crashed_flat_cloud_resumes_into_the_model_of_a_run_that_never_stopped(
+        tmp_path, processes, straight):
+    """Flat SCAFFOLD (state at the cloud and at every client) with 8-bit updates both ways
+    (error feedback at the clients, downlinks from the model each client holds), 2 clients,
+    4 rounds, run twice at once. In the second run client 1 is stopped once round 2 is
+    recorded, so round 3 cannot end; client 0 trains round 3; the cloud is killed (SIGKILL)
+    and started again with --resume; client 1 goes on. Both clients rejoin by themselves,
+    client 0 replays round 3 from its start, and the final model equals the uninterrupted
+    run's bit for bit."""
+    settings = ["topology.clients=2", "topology.cloud_rounds=4", "topology.min_fit_clients=2",
+                "topology.cloud_strategy=server.scaffold.Scaffold", "training.local_steps=4",
+                "codec.downlink=q8", "codec.uplink=q8"]
+    config, address = run_config(tmp_path / "straight", *settings)
+    straight_cloud = start_flat_run(straight, config, address, tmp_path / "straight-run", 2)
+    out = tmp_path / "run"
+    config, address = run_config(tmp_path / "crashed", *settings)
+    start_flat_run(processes, config, address, out, 2)
+    wait_until(lambda: len(cloud_records(out)) >= 2, 300, "round 2 to end", processes)
+    crash_in_round_3(processes, config, address, out, "client-1",
+                     lambda: steps_logged(processes, "client-0") >= 3, "client-0")
+    finish(straight, straight_cloud, timeout=400)
+
+    records = cloud_records(out)
+    assert [r["round"] for r in records] == [1, 2, 3, 4]  # round 3's lines once, no gap
+    assert all(sorted(r["participants"]) == ["client 0", "client 1"] for r in records)
+    # After the resume the downlinks were still 8-bit updates, not full weights: every
+    # round's training messages took as many bytes as in the uninterrupted run.
+    straight_records = cloud_records(tmp_path / "straight-run")
+    assert [r["bytes"] for r in records] == [r["bytes"] for r in straight_records]
+    assert same_models(out, tmp_path / "straight-run")
+
+
+@pytest.mark.slow
+def test_a_crashed_hierarchical_cloud_resumes_into_the_model_of_a_run_that_never_stopped(
+        tmp_path, processes, straight):
+    """FedPhD as configured in configs/fedphd-digits.toml (SH-weighted aggregation, client
+    re-assignment every cloud round, 40 % of an edge's clients per edge round, pruning after a
+    sparse round) with 8-bit updates on every link, 2 edges, 6 clients, 4 cloud rounds, run
+    twice at once. In the second run
+    edge 1 is stopped (SIGSTOP) as soon as cloud round 3 reaches it and edge 0 finishes that
+    round; the cloud is killed and resumed from the checkpoint of round 2 (a pruned model);
+    edge 1 goes on. Edges and clients replay round 3 from its start: the final model equals
+    the uninterrupted run's bit for bit."""
+    edge_ports = {name: free_port_block(2) for name in ("straight", "crashed")}
+
+    def start(procs: Processes, name: str, out: Path) -> tuple[subprocess.Popen, Path, str]:
+        port = edge_ports[name]
+        config, address = run_config(
+            tmp_path / name, "topology.edges=2", "topology.clients=6",
+            "topology.cloud_rounds=4", "topology.edge_rounds=2", "training.local_steps=4",
+            "pruning.enabled=true", "pruning.sparse_rounds=1", "codec.downlink=q8",
+            "codec.uplink=q8",
+            f"topology.edge_base_port={port}",
+            "topology.cloud_strategy=server.fedphd.FedPhD", "topology.fraction_fit=0.4",
+            "topology.cloud_strategy_args.selection_scale=720.0",
+            "topology.cloud_strategy_args.sh_weight=1800.0", "partition.method=classes",
+        )
+        cloud = procs.fedphd("cloud", "cloud", "--config", str(config), "--listen", address,
+                             "--out", str(out))
+        for edge in (0, 1):
+            procs.fedphd(f"edge-{edge}", "edge", "--config", str(config), "--edge-id",
+                         str(edge), "--cloud", address, "--listen", f"127.0.0.1:{port + edge}")
+        topology = load_config(config).topology
+        for client in range(6):
+            edge = edge_of_client(client, topology)
+            start_client(procs, config, f"127.0.0.1:{port + edge}", client, out)
+        return cloud, config, address
+
+    out = tmp_path / "run"
+    straight_cloud, _, _ = start(straight, "straight", tmp_path / "straight-run")
+    _, config, address = start(processes, "crashed", out)
+    wait_until(lambda: "edge 1: cloud round 3 begins" in processes.log("edge-1"), 600,
+               "cloud round 3 at edge 1", processes)
+    crash_in_round_3(processes, config, address, out, "edge-1",
+                     lambda: "edge 0: cloud round 3 done" in processes.log("edge-0"), "edge-0")
+    finish(straight, straight_cloud, timeout=600)
+
+    records = all_records(out)
+    assert [r["round"] for r in records if r["tier"] == "cloud"] == [1, 2, 3, 4]
+    assert [r["round"] for r in records if r["tier"] == "pruning"] == [1]
+    # Each edge round once, with the clients the uninterrupted run sampled.
+    assert edge_rounds(records) == edge_rounds(all_records(tmp_path / "straight-run"))
+    assert sorted({(edge, number) for edge, number, _ in edge_rounds(records)}) == [
+        (edge, number) for edge in (0, 1) for number in range(1, 9)]
+    assert len(edge_rounds(records)) == 16
+    assert same_models(out, tmp_path / "straight-run")
+    initial = load_config(config)
+    assert sum(a.size for a in saved_model(out)) < model_bytes(initial) // 4  # pruned
+
+
+@pytest.mark.slow
+def test_an_edge_that_never_returns_costs_one_bounded_wait_and_its_client_moves(tmp_path,
+                                                                              processes):
+    """Edge 1 is killed for good after cloud round 1. The next round waits
+    topology.connect_timeout for it, then runs with edge 0; later rounds do not wait again;
+    the run ends. Edge 1's client, started with edge 0 as its fallback (--server E1,E0),
+    gives up on edge 1 after topology.connect_timeout and trains under edge 0."""
+    out = tmp_path / "run"
+    edge_port = free_port_block(2)
+    rounds = 6
+    config, address = run_config(tmp_path, "topology.edges=2", "topology.clients=2",
+                                 f"topology.cloud_rounds={rounds}", "topology.edge_rounds=1",
+                                 "training.local_steps=4", "topology.connect_timeout=15",
+                                 f"topology.edge_base_port={edge_port}")
+    cloud = processes.fedphd("cloud", "cloud", "--config", str(config), "--listen", address,
+                             "--out", str(out))
+    edges = [f"127.0.0.1:{edge_port + edge}" for edge in (0, 1)]
+    for edge in (0, 1):
+        processes.fedphd(f"edge-{edge}", "edge", "--config", str(config), "--edge-id",
+                         str(edge), "--cloud", address, "--listen", edges[edge])
+    start_client(processes, config, edges[0], 0, out)
+    start_client(processes, config, f"{edges[1]},{edges[0]}", 1, out)
+    wait_until(lambda: len(cloud_records(out)) >= 1, 300, "cloud round 1 to end", processes)
+    # The cloud waits while the client gives up on edge 1, so rounds remain for it at edge 0.
+    os.kill(cloud.pid, signal.SIGSTOP)
+    processes.started["edge-1"].kill()
+    processes.started["edge-1"].wait(timeout=30)
+    wait_until(lambda: f"is gone; joining {edges[0]}" in processes.log("client-1"), 120,
+               "client 1 to fall back to edge 0", processes)
+    os.kill(cloud.pid, signal.SIGCONT)
+    finish(processes, cloud, timeout=300)
+
+    records = all_records(out)
+    cloud_lines = [r for r in records if r["tier"] == "cloud"]
+    assert [r["round"] for r in cloud_lines] == list(range(1, rounds + 1))
+    assert sorted(cloud_lines[0]["participants"]) == ["edge 0", "edge 1"]
+    assert all(r["participants"] == ["edge 0"] and r["model_updated"]
+               for r in cloud_lines[1:]), cloud_lines
+    log = processes.log("cloud")
+    # One bounded wait: in the first round that began after the edge left, not after.
+    assert log.count("1 of 2 edges connected after topology.connect_timeout") == 1, log
+    at_edge_0 = [r["clients"] for r in records if r["tier"] == "edge" and r["edge"] == 0]
+    assert at_edge_0[0] == ["client 0"]
+    assert sorted(at_edge_0[-1]) == ["client 0", "client 1"], at_edge_0
+    for name in ("client-0", "client-1"):  # released by edge 0 at the end
+        assert processes.started[name].wait(timeout=60) == 0, processes.logs()
+
+
+def test_grpcs_closed_channel_race_is_not_shown_as_a_traceback():
+    """grpc's connectivity thread may outlive its channel and raise 'Channel closed!' (seen
+    once in 15 refused plaintext clients): a debug line, not a traceback; any other
+    exception in a thread still reaches the hook that was there before."""
+    import threading
+
+    from common.transport import quiet_closed_channel_watchers
+
+    def _poll_connectivity():  # the name of grpc's polling function
+        raise ValueError("Cannot monitor channel state: Channel closed!")
+
+    def other_work():
+        raise ValueError("something else went wrong")
+
+    previous, reported = threading.excepthook, []
+    threading.excepthook = lambda args: reported.append(str(args.exc_value))
+    try:
+        quiet_closed_channel_watchers()
+        quiet_closed_channel_watchers()  # once is enough: not chained twice
+        for target in (_poll_connectivity, other_work):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+    finally:
+        threading.excepthook = previous
+    assert reported == ["something else went wrong"]
