@@ -154,8 +154,10 @@ class FedDiffuse(FedAvg):
         if self.mode in _FIXED_MODES:
             return dict.fromkeys(cids, _FIXED_MODES[self.mode])
         rng = np.random.default_rng([self.seed, server_round])
+        # In sampling order, which follows the clients' ids (BoundedClientManager); connection
+        # ids are random per connection, so sorting by them would not repeat.
         return {cid: (GROUPS, groups, groups)
-                for cid, groups in usplit_assignment(sorted(cids), rng).items()}
+                for cid, groups in usplit_assignment(cids, rng).items()}
 
     def aggregate_fit(
         self,

@@ -162,20 +162,13 @@ def test_sampling_follows_the_peers_ids_not_their_connection_order():
     import random
     import time
 
-    from common.transport import BoundedClientManager, GetPropertiesRes, ok_status
-
-    class Identified(FakeProxy):
-        def __init__(self, cid: str, client_id: int):
-            super().__init__(cid)
-            self.client_id = client_id
-
-        def get_properties(self, ins, timeout, group_id):
-            return GetPropertiesRes(ok_status(), {"client_id": self.client_id})
+    from common.transport import BoundedClientManager
+    from tests.test_strategy import IdentifiedProxy
 
     def sampled(order: list[int], prefix: str) -> list[int]:
         manager = BoundedClientManager(max_wait=1)
         for client in order:
-            manager.register(Identified(f"{prefix}:{1000 - client * 7}", client))
+            manager.register(IdentifiedProxy(f"{prefix}:{1000 - client * 7}", client))
         random.seed("same seed")
         return [proxy.client_id for proxy in manager.sample(3)]
 

@@ -285,3 +285,27 @@ def test_feddiffuse_configs_run_end_to_end(mode, tmp_path, ports):
     else:
         assert [r["tier"] for r in evals] == ["eval"]
         assert (out / "samples.png").is_file()
+
+
+def test_usplit_pairs_the_same_clients_whatever_their_connection_order():
+    """USPLIT's pairing follows the clients' ids, not their (random) connection ids: the
+    same seed gives every client the same groups after the clients reconnected in another
+    order, e.g. to a resumed cloud."""
+    import random
+
+    from common.transport import BoundedClientManager
+    from tests.test_strategy import IdentifiedProxy
+
+    def groups_by_client(order: list[int], connection_id) -> dict[int, str]:
+        strategy, _, initial = managed_feddiffuse("usplit")
+        manager = BoundedClientManager(max_wait=1)
+        for client in order:
+            manager.register(IdentifiedProxy(connection_id(client), client))
+        random.seed("round 1")
+        return {proxy.client_id: ins.config[TRAIN_GROUPS_KEY]
+                for proxy, ins in strategy.configure_fit(1, initial, manager)}
+
+    first = groups_by_client([0, 1, 2, 3, 4], lambda client: f"{client:02x}")
+    # Connection ids that sort the other way round, registered in another order.
+    assert groups_by_client([4, 2, 0, 3, 1], lambda client: f"{255 - client:02x}") == first
+    assert len(set(first.values())) > 1  # really split

@@ -21,6 +21,7 @@ from common.strategy import (
 from common.transport import (
     ClientProxy,
     FitRes,
+    GetPropertiesRes,
     SimpleClientManager,
     ndarrays_to_parameters,
     ok_status,
@@ -44,6 +45,17 @@ class FakeProxy(ClientProxy):
 
     def reconnect(self, ins, timeout, group_id):
         raise NotImplementedError
+
+
+class IdentifiedProxy(FakeProxy):
+    """A connected client that says who it is (its properties carry ``client_id``)."""
+
+    def __init__(self, cid: str, client_id: int):
+        super().__init__(cid)
+        self.client_id = client_id
+
+    def get_properties(self, ins, timeout, group_id):
+        return GetPropertiesRes(ok_status(), {"client_id": self.client_id})
 
 
 MODEL = [np.ones((2, 3), dtype=np.float32), np.zeros(4, dtype=np.float32)]
