@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench.harness import free_port_block
+
 TESTS_DIR = Path(__file__).resolve().parent
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port_block(count: int) -> int:
-    """First port of ``count`` consecutive free loopback ports (edges use base + i)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = sock.getsockname()[1]
-        if base + count < 65535 and all(port_is_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no block of free ports found")
 
 
 def fedphd(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
