@@ -17,11 +17,11 @@ import logging
 import sys
 import threading
 
-from client.client import DiffusionClient, local_data
-from common.config import load_config
-from common.runtime import seed_everything, setup_torch
-from common.tls import client_root_certificates
-from common.transport import connect_client
+from fedphd.client.client import DiffusionClient, local_data
+from fedphd.common.settings.config import load_config
+from fedphd.common.settings.runtime import seed_everything, setup_torch
+from fedphd.common.wire.tls import client_root_certificates
+from fedphd.common.wire.transport import connect_client
 
 log = logging.getLogger("bench.client_host")
 

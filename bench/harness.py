@@ -1,7 +1,8 @@
 """What every benchmark shares: the machine it ran on, free ports, running the real ``fedphd``
 program and reading what its runs leave behind.
 
-Benchmarks drive the product through its command line (``python -m common.cli ...``), the way
+Benchmarks drive the product through its command line
+(``python -m fedphd.common.commands.cli ...``), the way
 a user does, and read their figures from the run folder's ``metrics.jsonl``; nothing here
 re-implements a role.
 """
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, apply_overrides, config_from_dict
-from common.launcher import write_resolved_config
-from common.report import read_metrics
+from fedphd.common.commands.launcher import write_resolved_config
+from fedphd.common.quality.report import read_metrics
+from fedphd.common.settings.config import RunConfig, apply_overrides, config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "common" / "configs" / "default.toml"
@@ -180,7 +181,7 @@ def set_args(overrides: Sequence[str]) -> list[str]:
 
 def fedphd_argv(*args: str) -> list[str]:
     """The real command line, run with this interpreter from the repository root."""
-    return [sys.executable, "-m", "common.cli", *args]
+    return [sys.executable, "-m", "fedphd.common.commands.cli", *args]
 
 
 def child_env() -> dict[str, str]:

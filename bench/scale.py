@@ -45,10 +45,10 @@ from bench.harness import (
     tier,
     write_config,
 )
-from common.config import RunConfig
-from common.launcher import Deployment, Role
-from common.report import read_metrics
-from common.topology import cloud_address, edge_address
+from fedphd.common.commands.launcher import Deployment, Role
+from fedphd.common.quality.report import read_metrics
+from fedphd.common.settings.config import RunConfig
+from fedphd.common.settings.topology import cloud_address, edge_address
 
 POLL_SECONDS = 0.5
 # Budget when deciding whether a client count fits in memory, from this benchmark's own
@@ -99,9 +99,10 @@ def plan(cfg: RunConfig, config: Path, run_dir: Path, per_process: int) -> list[
     topology = cfg.topology
     base = [sys.executable, "-m"]
     roles = [
-        Role("cloud", [*base, "common.cli", "cloud", "--config", str(config),
+        Role("cloud", [*base, "fedphd.common.commands.cli", "cloud", "--config", str(config),
                        "--listen", cloud_address(topology), "--out", str(run_dir)]),
-        Role("edge-0", [*base, "common.cli", "edge", "--config", str(config), "--edge-id", "0",
+        Role("edge-0", [*base, "fedphd.common.commands.cli", "edge", "--config", str(config),
+                        "--edge-id", "0",
                         "--cloud", cloud_address(topology),
                         "--listen", edge_address(0, topology)]),
     ]

@@ -52,7 +52,7 @@ from bench.harness import (
     tier,
     write_config,
 )
-from common.report import read_metrics
+from fedphd.common.quality.report import read_metrics
 
 CLOUD_LINKS = ("cloud->client", "client->cloud", "cloud->edge", "edge->cloud")
 ALL_LINKS = (*CLOUD_LINKS, "edge->client", "client->edge")

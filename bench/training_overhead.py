@@ -8,7 +8,7 @@ the same model, batch, data and optimiser; and pruned (0.2) against unpruned ste
 - bare: the same ε-MSE DDPM maths written directly: images in one tensor, random batches by
   index, ``x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε``, Adam, gradient clipping; same initial weights,
   batch size, learning rate and thread count.
-- pruned: the same client path on the model pruned by ``common.pruning.prune_unet`` at
+- pruned: the same client path on the model pruned by ``fedphd.common.core.pruning.prune_unet`` at
   ``--ratio`` (Torch-Pruning, as FedPhD's cloud does), step time from the client's own
   ``train_seconds``.
 
@@ -47,12 +47,9 @@ from bench.harness import (
     print_ratio,
     progress,
 )
-from client.client import DiffusionClient, LocalData, local_data
-from common import codec
-from common.config import RunConfig
-from common.diffusion import make_noise_scheduler
-from common.instructions import LOCAL_STEPS_KEY, client_instruction
-from common.models import (
+from fedphd.client.client import DiffusionClient, LocalData, local_data
+from fedphd.common.core.diffusion import make_noise_scheduler
+from fedphd.common.core.models import (
     architecture_of,
     architecture_to_json,
     build_unet,
@@ -60,9 +57,13 @@ from common.models import (
     model_to_ndarrays,
     unet_config,
 )
-from common.pruning import prune_unet, to_pruned_model
-from common.runtime import seed_everything, setup_torch
-from common.transport import FitIns
+from fedphd.common.core.pruning import prune_unet, to_pruned_model
+from fedphd.common.federation.instructions import client_instruction
+from fedphd.common.settings.config import RunConfig
+from fedphd.common.settings.runtime import seed_everything, setup_torch
+from fedphd.common.wire import codec
+from fedphd.common.wire.keys import LOCAL_STEPS_KEY
+from fedphd.common.wire.transport import FitIns
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,18 +1,21 @@
-"""``fedphd client``: a data owner. Trains the U-Net locally on its own images and answers
-whichever server it is connected to: an edge aggregator, or the cloud in flat mode.
+"""The ``client`` command: a data owner. Trains the U-Net locally on its own images and
+answers whichever server it is connected to: an edge aggregator, or the cloud in flat mode.
 
 Only weights leave the process; images never do. The architecture arrives as JSON with every
 instruction, so a client rebuilds whatever model the server sends (e.g. a pruned one).
 
-With partial sharing (FedDiffuse) the instruction names the U-Net groups it carries, those to
-train and those to send back. The groups that never travel are this client's own: its whole
-model is saved in its state folder after every round and reloaded after a restart.
+What a method changes in local training is that method's business (``methods.py`` of this
+package lists them); this module is the protocol: it loads what the server sent, trains with the
+terms of the methods the instruction asks for, and answers.
+
+With partial sharing the instruction names the U-Net groups it carries and those to send
+back. The groups that never travel are this client's own: its whole model is saved in its
+state folder after every round and reloaded after a restart.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import time
@@ -24,61 +27,52 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from client.fedprox import PROXIMAL_MU_KEY, proximal_loss
-from client.moon import MoonTerm, frozen_copy
-from client.scaffold import ScaffoldCorrection, parameter_count
-from common import codec
-from common.cli import add_config_args, config_from_args
-from common.config import ConfigError, RunConfig
-from common.data import load_dataset
-from common.diffusion import (
-    DiffusionTrainer,
-    endless_batches,
-    load_model,
-    make_noise_scheduler,
-    sample_images,
-    save_model,
+from fedphd.client.evaluation import evaluate_own_model, evaluation_answer, failed_evaluation
+from fedphd.client.link import ClientLink
+from fedphd.client.local_model import LocalModel
+from fedphd.client.method import RoundTerms
+from fedphd.client.methods import local_methods
+from fedphd.client.private_parts import PrivateParts, SharedGroups
+from fedphd.client.replay import RoundReplay
+from fedphd.common.commands.cli import add_config_args, config_from_args
+from fedphd.common.core.diffusion import DiffusionTrainer
+from fedphd.common.core.models import load_ndarrays, model_to_ndarrays, unet_config
+from fedphd.common.core.unet_groups import (
+    group_indices,
+    is_everything,
+    merge,
+    parse_groups,
+    select,
+    tensor_names,
 )
-from common.evaluate import evaluate_model
-from common.images import save_grid
-from common.instructions import (
+from fedphd.common.data.datasets import load_dataset
+from fedphd.common.data.partition import label_histogram, partition
+from fedphd.common.settings.config import ConfigError, RunConfig
+from fedphd.common.settings.runtime import seed_everything, setup_torch
+from fedphd.common.settings.topology import server_address_of_client
+from fedphd.common.wire import codec
+from fedphd.common.wire.keys import (
     ARCH_KEY,
-    CLOUD_ROUND_KEY,
-    CONTROL_DELTA_KEY,
-    GROUP_LASSO_KEY,
+    BYTES_RECEIVED_METRIC,
+    CLIENT_ID_METRIC,
+    CLIENT_ID_PROPERTY,
+    GROUPS_RETURNED_METRIC,
+    LABEL_HIST_METRIC,
+    LABEL_HIST_PROPERTY,
     LOCAL_STEPS_KEY,
+    LOSS_METRIC,
     LR_KEY,
-    MOON_MU_KEY,
-    MOON_TAU_KEY,
     MOVE_KEY,
-    ROUND_KEY,
-    SERVER_CONTROL_KEY,
-)
-from common.limits import max_message_bytes
-from common.models import (
-    architecture_from_json,
-    architecture_of,
-    architecture_to_json,
-    build_unet,
-    load_ndarrays,
-    model_to_ndarrays,
-    unet_config,
-)
-from common.partition import label_histogram, partition
-from common.pruning import group_lasso_penalty
-from common.quantization import ErrorFeedback
-from common.runtime import seed_everything, setup_torch
-from common.strategy import (
+    NUM_EXAMPLES_PROPERTY,
+    PAYLOAD_BYTES_METRIC,
     RECEIVED_DIGEST_KEY,
-    RETURN_GROUPS_KEY,
     SEND_GROUPS_KEY,
-    TRAIN_GROUPS_KEY,
-    HeldModel,
-    encode_reply,
+    STEPS_METRIC,
+    TRAIN_SECONDS_METRIC,
 )
-from common.tls import client_root_certificates, describe_tls
-from common.topology import server_address_of_client
-from common.transport import (
+from fedphd.common.wire.limits import max_message_bytes
+from fedphd.common.wire.tls import client_root_certificates, describe_tls
+from fedphd.common.wire.transport import (
     Client,
     Code,
     EvaluateIns,
@@ -90,22 +84,13 @@ from common.transport import (
     GetPropertiesIns,
     GetPropertiesRes,
     Parameters,
+    Scalar,
     ServerUnreachable,
     Status,
     connect_client,
     fit_ins_wire_size,
     fit_res,
     ok_status,
-)
-from common.unet_groups import (
-    format_groups,
-    group_indices,
-    group_of,
-    is_everything,
-    merge,
-    parse_groups,
-    select,
-    tensor_names,
 )
 
 log = logging.getLogger("fedphd.client")
@@ -138,25 +123,22 @@ def local_data(cfg: RunConfig, client_id: int, data_dir: str | None = None) -> L
     return LocalData(Subset(images, indices.tolist()), hist)
 
 
-@dataclass
-class RoundStart:
-    """A client's state when a cloud round began, kept until the next cloud round: a cloud
-    that resumes from its checkpoint sends that round again, and the client replays it from
-    here, so the resumed run trains exactly as an uninterrupted one."""
+@dataclass(frozen=True)
+class Received:
+    """An instruction's model as this client loaded it."""
 
-    cloud_round: int
-    state: dict[str, Any]
+    names: list[str]  # tensor names in wire order
+    reference: list[np.ndarray]  # the whole model as received: the base of the update
+    digest: str  # of the received part, for the server's check
 
 
-def cpu_copy(value: Any) -> Any:
-    """A deep copy with every tensor cloned to the CPU (snapshots do not hold GPU memory)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: cpu_copy(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(cpu_copy(item) for item in value)
-    return copy.deepcopy(value)
+@dataclass(frozen=True)
+class Trained:
+    """One round of local training."""
+
+    losses: list[float]
+    seconds: float
+    terms: RoundTerms  # the active methods' terms, closed; finishing them answers for them
 
 
 class DiffusionClient(Client):
@@ -172,75 +154,20 @@ class DiffusionClient(Client):
         self.device = device
         # This client's own disk: its whole model when parts of it are private.
         self.state_dir = state_dir or default_state_dir(cfg, client_id)
-        self.arch_json: str | None = None
+        self.local = LocalModel(cfg, client_id, data.dataset, device)
+        self.private = PrivateParts(self.state_dir / "model", cfg.diffusion, client_id)
+        self.link = ClientLink(np.random.default_rng([cfg.seed, client_id]))
+        self.methods = local_methods()
+        self.replay = RoundReplay(client_id)
         self.move_to: str | None = None  # set when a server re-assigns this client
-        # Quantised uplinks: residuals of this client only, per set of groups it sends.
-        self.feedback: dict[str, ErrorFeedback] = {}
-        self.held = HeldModel()  # quantised downlinks are updates from this model
-        self.previous_local: list[np.ndarray] | None = None  # MOON's previous local model
-        self.scaffold_c: np.ndarray | None = None  # SCAFFOLD's client control variate c_i
-        self.rng = np.random.default_rng([cfg.seed, client_id])
-        self.trainer: DiffusionTrainer | None = None
-        self.batches = None
-        self.round_start: RoundStart | None = None
-        self.last_round = -1  # the ROUND_KEY of the last instruction trained
 
-    def _training_config(self):
-        # Each client draws its own noise and batch order: same run seed, distinct streams.
-        return self.cfg.training.model_copy(
-            update={"seed": self.cfg.training.seed + 1000 * (self.client_id + 1)}
-        )
+    @property
+    def trainer(self) -> DiffusionTrainer | None:
+        return self.local.trainer
 
-    def _rebuild(self, arch_json: str) -> None:
-        """Build the model the server described; a new architecture gets a fresh optimiser.
-
-        Its initial weights are the run's (seeded like the cloud's), so parts that are never
-        sent start where the global model started."""
-        try:
-            model = build_unet(architecture_from_json(arch_json), seed=self.cfg.seed)
-        except (TypeError, ValueError, KeyError, RuntimeError) as error:
-            raise ValueError(f"cannot build the U-Net the server described in {ARCH_KEY}: "
-                             f"{error}") from None
-        training = self._training_config()
-        self.trainer = DiffusionTrainer(
-            model, make_noise_scheduler(self.cfg.diffusion), training, self.device
-        )
-        self.batches = endless_batches(
-            self.data.dataset, training.batch_size, training.seed, self.device
-        )
-        self.arch_json = arch_json
-
-    def _regularisers(self, config: dict) -> list:
-        """Extra local loss terms the server asked for, anchored at the weights just loaded:
-        FedProx's proximal term, FedPhD's group lasso (sparse rounds), MOON's contrastive
-        term."""
-        model = self.trainer.model
-        terms = []
-        mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
-        if mu > 0:
-            log.info("client %d: proximal term, mu = %g", self.client_id, mu)
-            terms.append(proximal_loss(model, mu))
-        lam = float(config.get(GROUP_LASSO_KEY, 0.0))
-        if lam > 0:
-            terms.append(lambda current: group_lasso_penalty(current, lam))
-        moon_mu = float(config.get(MOON_MU_KEY, 0.0))
-        if moon_mu > 0:
-            log.info("client %d: MOON term, mu = %g", self.client_id, moon_mu)
-            terms.append(self._moon_term(moon_mu, float(config.get(MOON_TAU_KEY, 0.5))))
-        return terms
-
-    def _moon_term(self, mu: float, tau: float) -> MoonTerm:
-        """Global model = the weights just loaded; previous = this client's last local model
-        (the global one on its first round or after the architecture changed)."""
-        model = self.trainer.model
-        global_model = frozen_copy(model)
-        previous_model = frozen_copy(model)
-        previous = self.previous_local
-        if previous is not None and [a.shape for a in previous] == [
-            t.shape for t in model.state_dict().values()
-        ]:
-            load_ndarrays(previous_model, previous)
-        return MoonTerm(model, global_model, previous_model, mu, tau)
+    @property
+    def arch_json(self) -> str | None:
+        return self.local.arch_json
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
         if MOVE_KEY in ins.config:
@@ -249,9 +176,9 @@ class DiffusionClient(Client):
         return GetPropertiesRes(
             status=ok_status(),
             properties={
-                "client_id": self.client_id,
-                "num_examples": len(self.data.dataset),
-                "label_hist": json.dumps(self.data.label_hist),
+                CLIENT_ID_PROPERTY: self.client_id,
+                NUM_EXAMPLES_PROPERTY: len(self.data.dataset),
+                LABEL_HIST_PROPERTY: json.dumps(self.data.label_hist),
             },
         )
 
@@ -264,226 +191,127 @@ class DiffusionClient(Client):
             return self._fit(ins)
         except Exception as error:  # noqa: BLE001 - report to the server instead of dying
             log.exception("client %d: fit failed", self.client_id)
-            # Flower's legacy protocol has no generic error code; the message says what failed.
-            return FitRes(
-                status=Status(code=Code.FIT_NOT_IMPLEMENTED, message=f"fit failed: {error}"),
-                parameters=Parameters(tensors=[], tensor_type=codec.FP32),
-                num_examples=0,
-                metrics={"client_id": self.client_id},
-            )
+            return failed_fit(self.client_id, error)
 
     def _fit(self, ins: FitIns) -> FitRes:
-        received = fit_ins_wire_size(ins)
-        if ARCH_KEY not in ins.config:
-            raise ValueError(f"instruction without {ARCH_KEY!r}: not a FedPhD server?")
-        sent, trained, returned = (parse_groups(ins.config.get(key)) for key in
-                                   (SEND_GROUPS_KEY, TRAIN_GROUPS_KEY, RETURN_GROUPS_KEY))
-        self._mark_round(ins.config)
-        self._prepare(str(ins.config[ARCH_KEY]), private=not is_everything(sent))
-        trainer = self.trainer
-        names = tensor_names(self.arch_json)
-        sent_at, returned_at = group_indices(names, sent), group_indices(names, returned)
-        received_part = self.held.decode(ins.parameters, ins.config)
-        load_ndarrays(trainer.model, merge(model_to_ndarrays(trainer.model), received_part,
-                                           sent_at))
-        reference = model_to_ndarrays(trainer.model)  # as received: the base of the update
-        received_digest = self.held.keep(select(reference, sent_at))
-        lr = float(ins.config.get(LR_KEY, self.cfg.training.lr))
-        trainer.lr_schedule.base_lrs = [lr for _ in trainer.lr_schedule.base_lrs]
-        steps = int(ins.config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))
-        start = time.perf_counter()
-        terms = self._regularisers(ins.config)
-        scaffold = self._scaffold_correction(ins.config)
-        frozen = freeze_all_but(trainer.model, trained)
-        try:
-            losses = trainer.train(
-                self.batches, steps,
-                extra_loss=(lambda model: sum(term(model) for term in terms)) if terms else None,
-                gradient_hook=scaffold,
-            )
-        finally:
-            for parameter in frozen:
-                parameter.requires_grad_(True)
-            for term in terms:
-                if isinstance(term, MoonTerm):
-                    term.close()
-                    self.previous_local = model_to_ndarrays(trainer.model)
-        seconds = time.perf_counter() - start
-        trained_model = model_to_ndarrays(trainer.model)
-        if not is_everything(sent):
-            self._save_state()
-        feedback = self.feedback.setdefault(format_groups(returned), ErrorFeedback())
-        out = encode_reply(select(trained_model, returned_at), select(reference, returned_at),
-                           ins.config, feedback, self.rng)
-        log.info(
-            "client %d: %d steps in %.1f s, loss %.4f", self.client_id, steps, seconds,
-            float(np.mean(losses)),
-        )
-        return fit_res(
-            out,
-            len(self.data.dataset),
-            {
-                "client_id": self.client_id,
-                "loss": float(np.mean(losses)),
-                "label_hist": json.dumps(self.data.label_hist),
-                "bytes_received": received,
-                RECEIVED_DIGEST_KEY: received_digest,
-                "payload_bytes": codec.payload_bytes(out),
-                "train_seconds": seconds,
-                "steps": steps,
-                "groups_returned": format_groups(returned),
-                **self._scaffold_answer(scaffold),
-            },
-        )
-
-    def _mark_round(self, config: dict) -> None:
-        """Keep the state at the start of each cloud round; an instruction for a round this
-        client already trained in (the cloud resumed from its checkpoint) rewinds to it."""
-        step = int(config.get(ROUND_KEY, 0))
-        cloud_round = int(config.get(CLOUD_ROUND_KEY, step))
-        start = self.round_start
-        if start is None or cloud_round > start.cloud_round:
-            self.round_start = RoundStart(cloud_round, self._state())
-        elif cloud_round == start.cloud_round and step <= self.last_round:
-            log.info("client %d: cloud round %d again (the server resumed): replaying it from "
-                     "its start", self.client_id, cloud_round)
-            self._set_state(start.state)
-        elif cloud_round < start.cloud_round:
-            log.warning("client %d: instruction for cloud round %d after round %d: this "
-                        "client's state cannot go back that far, it trains on from where it "
-                        "is", self.client_id, cloud_round, start.cloud_round)
-        self.last_round = step
-
-    def _state(self) -> dict[str, Any]:
-        """Everything training carries from round to round, copied (tensors to the CPU)."""
-        trainer = None
-        if self.trainer is not None:
-            trainer = {"weights": self.trainer.model.state_dict(),
-                       "trainer": self.trainer.state_dict(),
-                       "batches": self.batches.position}
-        return cpu_copy({
-            "arch_json": self.arch_json, "trainer": trainer, "feedback": self.feedback,
-            "held": self.held, "previous_local": self.previous_local,
-            "scaffold_c": self.scaffold_c, "rng": self.rng,
+        received_bytes = fit_ins_wire_size(ins)
+        config = ins.config
+        if ARCH_KEY not in config:
+            raise ValueError(f"instruction without {ARCH_KEY!r}: not a server of this project?")
+        shared = SharedGroups.of(config)
+        self.methods.check(config)  # a malformed instruction changes nothing
+        rewind = self.replay.mark(config, self._state)
+        if rewind is not None:
+            self._set_state(rewind)
+        received = self._receive(ins, shared)
+        lr = float(config.get(LR_KEY, self.cfg.training.lr))
+        steps = int(config.get(LOCAL_STEPS_KEY, self.cfg.training.local_steps))
+        trained = self._train(config, steps, lr)
+        out = self._reply(config, shared, received)
+        loss = float(np.mean(trained.losses))
+        log.info("client %d: %d steps in %.1f s, loss %.4f", self.client_id, steps,
+                 trained.seconds, loss)
+        return fit_res(out, len(self.data.dataset), {
+            CLIENT_ID_METRIC: self.client_id,
+            LOSS_METRIC: loss,
+            LABEL_HIST_METRIC: json.dumps(self.data.label_hist),
+            BYTES_RECEIVED_METRIC: received_bytes,
+            RECEIVED_DIGEST_KEY: received.digest,
+            PAYLOAD_BYTES_METRIC: codec.payload_bytes(out),
+            TRAIN_SECONDS_METRIC: trained.seconds,
+            STEPS_METRIC: steps,
+            GROUPS_RETURNED_METRIC: shared.returned_label,
+            **trained.terms.finish(self.local.model),
         })
 
-    def _set_state(self, saved: dict[str, Any]) -> None:
-        state = cpu_copy(saved)  # the snapshot stays as it is for another replay
-        if state["trainer"] is None:
-            self.trainer, self.batches, self.arch_json = None, None, None
-        else:
-            if state["arch_json"] != self.arch_json:
-                self._rebuild(state["arch_json"])
-            self.trainer.model.load_state_dict(state["trainer"]["weights"])
-            self.trainer.load_state_dict(state["trainer"]["trainer"])
-            self.batches.seek(state["trainer"]["batches"])
-        self.feedback, self.held = state["feedback"], state["held"]
-        self.previous_local, self.scaffold_c = state["previous_local"], state["scaffold_c"]
-        self.rng = state["rng"]
+    def _receive(self, ins: FitIns, shared: SharedGroups) -> Received:
+        """Load the instruction's part over this client's model (its own parts elsewhere)."""
+        self._prepare(str(ins.config[ARCH_KEY]), private=shared.private)
+        model = self.local.model
+        names = tensor_names(self.local.arch_json)
+        sent_at = shared.sent_at(names)
+        part = self.link.receive(ins.parameters, ins.config)
+        load_ndarrays(model, merge(model_to_ndarrays(model), part, sent_at))
+        reference = model_to_ndarrays(model)
+        return Received(names, reference, self.link.keep(select(reference, sent_at)))
+
+    def _train(self, config: dict[str, Scalar], steps: int, lr: float) -> Trained:
+        """Local training with the terms of the methods the instruction asks for; the terms
+        are closed however training ends."""
+        start = time.perf_counter()
+        terms = self.methods.begin_round(self.local.model, config)
+        for line in terms.descriptions():
+            log.info("client %d: %s", self.client_id, line)
+        try:
+            losses = self.local.train(steps, lr, terms.extra_loss(), terms.gradient_hook())
+        finally:
+            terms.close()
+        return Trained(losses, time.perf_counter() - start, terms)
+
+    def _reply(self, config: dict[str, Scalar], shared: SharedGroups,
+               received: Received) -> Parameters:
+        """The returned groups, encoded; with private parts the whole model is saved first."""
+        model = self.local.model
+        trained = model_to_ndarrays(model)
+        if shared.private:
+            self.private.save(model)
+        at = shared.returned_at(received.names)
+        return self.link.reply(select(trained, at), select(received.reference, at), config,
+                               shared.returned_label)
+
+    def _state(self) -> dict[str, Any]:
+        """Everything training carries from round to round (live: the replay copies it)."""
+        return {"model": self.local.state(), "link": self.link.state(),
+                "methods": self.methods.state()}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.local.load_state(state["model"])
+        self.link.load_state(state["link"])
+        self.methods.load_state(state["methods"])
 
     def _prepare(self, arch_json: str, private: bool) -> None:
         """The model for this instruction: rebuilt when the architecture changed, and, when
         parts of it are private, holding this client's own parts (from memory, else from its
         state folder after a restart, else the run's initial weights)."""
-        if arch_json == self.arch_json:
-            return
-        self._rebuild(arch_json)
-        if private:
-            self._restore_state()
-
-    def _state_model_dir(self) -> Path:
-        return self.state_dir / "model"
-
-    def _save_state(self) -> None:
-        """The whole local model in diffusers format (safetensors), replaced atomically enough:
-        diffusers writes the weights file last, after the config."""
-        save_model(self.trainer.model, self.cfg.diffusion, self._state_model_dir())
-
-    def _restore_state(self) -> None:
-        directory = self._state_model_dir()
-        if not (directory / "config.json").is_file():
-            log.info("client %d: no saved model in %s, private parts start from the run's "
-                     "initial weights", self.client_id, directory)
-            return
-        try:
-            saved, _ = load_model(directory)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"client {self.client_id}: saved model in {directory} "
-                             f"cannot be loaded: {error}") from None
-        if architecture_to_json(architecture_of(saved)) != self.arch_json:
-            log.warning("client %d: the saved model in %s has another architecture; private "
-                        "parts start from the run's initial weights", self.client_id, directory)
-            return
-        load_ndarrays(self.trainer.model, model_to_ndarrays(saved))
-        log.info("client %d: private parts restored from %s", self.client_id, directory)
+        if self.local.prepare(arch_json) and private:
+            self.private.restore(self.local.model, arch_json)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         """Sample quality of this client's own model holding the shared groups just sent
         (partial sharing: every client's model differs). Samples go to the state folder."""
         try:
-            sent = parse_groups(ins.config.get(SEND_GROUPS_KEY))
-            self._prepare(str(ins.config[ARCH_KEY]), private=not is_everything(sent))
-            model = self.trainer.model
-            names = tensor_names(self.arch_json)
-            received = codec.decode(ins.parameters)
-            load_ndarrays(model, merge(model_to_ndarrays(model), received,
-                                       group_indices(names, sent)))
-            result = evaluate_model(model, self.trainer.scheduler, self.cfg, self.device,
-                                    show_progress=False)
-            grid = sample_images(model, self.cfg.diffusion, self.cfg.output.grid_samples,
-                                 seed=self.cfg.seed, steps=self.cfg.evaluation.sampling_steps)
-            save_grid(grid, self.state_dir / "samples.png")
+            result = self._evaluate(ins)
         except Exception as error:  # noqa: BLE001 - report to the server instead of dying
             log.exception("client %d: evaluation failed", self.client_id)
-            return EvaluateRes(
-                status=Status(code=Code.EVALUATE_NOT_IMPLEMENTED,
-                              message=f"evaluation failed: {error}"),
-                loss=0.0, num_examples=0, metrics={"client_id": self.client_id},
-            )
+            return failed_evaluation(self.client_id, error)
         log.info("client %d: fd_classifier %.4g of its own model", self.client_id,
                  result["fd_classifier"])
-        return EvaluateRes(
-            status=ok_status(),
-            loss=float(result["fd_classifier"]),
-            num_examples=int(result["num_samples"]),
-            metrics={"client_id": self.client_id,
-                     **{k: v for k, v in result.items() if isinstance(v, int | float | str)}},
-        )
+        return evaluation_answer(self.client_id, result)
 
-    def _scaffold_correction(self, config: dict) -> ScaffoldCorrection | None:
-        """SCAFFOLD's drift correction when the server sent its control variate."""
-        if SERVER_CONTROL_KEY not in config:
-            return None
-        model = self.trainer.model
-        size = parameter_count(model)
-        server_c = codec.vector_from_bytes(config[SERVER_CONTROL_KEY], size, "server control")
-        if self.scaffold_c is None or self.scaffold_c.shape != (size,):
-            self.scaffold_c = np.zeros(size, dtype=np.float32)  # first round or new architecture
-        return ScaffoldCorrection(model, server_c, self.scaffold_c)
+    def _evaluate(self, ins: EvaluateIns) -> dict[str, Any]:
+        sent = parse_groups(ins.config.get(SEND_GROUPS_KEY))
+        self._prepare(str(ins.config[ARCH_KEY]), private=not is_everything(sent))
+        model = self.local.model
+        names = tensor_names(self.local.arch_json)
+        received = codec.decode(ins.parameters)
+        load_ndarrays(model, merge(model_to_ndarrays(model), received,
+                                   group_indices(names, sent)))
+        return evaluate_own_model(model, self.trainer.scheduler, self.cfg, self.device,
+                                  self.state_dir / "samples.png")
 
-    def _scaffold_answer(self, scaffold: ScaffoldCorrection | None) -> dict:
-        if scaffold is None:
-            return {}
-        new_c = scaffold.new_client_control()
-        delta, self.scaffold_c = new_c - self.scaffold_c, new_c
-        return {CONTROL_DELTA_KEY: codec.vector_to_bytes(delta)}
+
+def failed_fit(client_id: int, error: Exception) -> FitRes:
+    # Flower's legacy protocol has no generic error code; the message says what failed.
+    return FitRes(
+        status=Status(code=Code.FIT_NOT_IMPLEMENTED, message=f"fit failed: {error}"),
+        parameters=Parameters(tensors=[], tensor_type=codec.FP32),
+        num_examples=0,
+        metrics={CLIENT_ID_METRIC: client_id},
+    )
 
 
 def default_state_dir(cfg: RunConfig, client_id: int) -> Path:
     return Path(cfg.output.dir) / "clients" / f"client-{client_id}"
-
-
-def freeze_all_but(model: torch.nn.Module, groups: tuple[str, ...]) -> list[torch.nn.Parameter]:
-    """Stop gradients outside ``groups`` (Adam skips parameters without a gradient, so they
-    stay exactly as received); returns the parameters to unfreeze afterwards."""
-    if is_everything(groups):
-        return []
-    frozen = []
-    for name, parameter in model.named_parameters():
-        if group_of(name) not in groups and parameter.requires_grad:
-            parameter.requires_grad_(False)
-            frozen.append(parameter)
-    return frozen
 
 
 def run(args: argparse.Namespace) -> int:
@@ -500,12 +328,21 @@ def run(args: argparse.Namespace) -> int:
     )
     state_dir = Path(args.state_dir) if args.state_dir else None
     client = DiffusionClient(cfg, args.client_id, data, device, state_dir)
-    message_limit = max_message_bytes(cfg)
+    serve(client, addresses, cfg.topology.connect_timeout, max_message_bytes(cfg),
+          root_certificates)
+    log.info("client %d: disconnected by the server, exiting", args.client_id)
+    return 0
+
+
+def serve(client: DiffusionClient, addresses: list[str], wait: float, message_limit: int,
+          root_certificates: bytes | None) -> None:
+    """Answer servers until one disconnects this client for good: a server that re-assigns
+    it (``MOVE_KEY``) is followed to its new address; an unreachable one is replaced by the
+    next address of the list."""
     address, given_up = addresses[0], 0
     while True:
         try:
-            connect_client(address, client, max_wait_time=cfg.topology.connect_timeout,
-                           max_message_length=message_limit,
+            connect_client(address, client, max_wait_time=wait, max_message_length=message_limit,
                            root_certificates=root_certificates)
         except ServerUnreachable:
             # Every address given up on in a row: nothing left to try.
@@ -513,15 +350,13 @@ def run(args: argparse.Namespace) -> int:
             if given_up >= len(addresses):
                 raise
             gone, address = address, fallback_after(address, addresses)
-            log.warning("client %d: %s is gone; joining %s", args.client_id, gone, address)
+            log.warning("client %d: %s is gone; joining %s", client.client_id, gone, address)
             continue
         given_up = 0
         if client.move_to is None:
-            break
+            return
         address, client.move_to = client.move_to, None
-        log.info("client %d: joining %s", args.client_id, address)
-    log.info("client %d: disconnected by the server, exiting", args.client_id)
-    return 0
+        log.info("client %d: joining %s", client.client_id, address)
 
 
 def server_addresses(option: str | None) -> list[str]:
@@ -564,8 +399,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--state-dir",
         metavar="DIR",
-        help="this client's own folder: its whole model when parts stay private (FedDiffuse "
-        "UDEC/ULATDEC), reloaded after a restart, and its evaluation samples "
+        help="this client's own folder: its whole model when parts stay private (partial "
+        "sharing), reloaded after a restart, and its evaluation samples "
         "(default: output.dir/clients/client-ID)",
     )
     parser.add_argument(

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-PROXIMAL_MU_KEY = "proximal_mu"  # the key Flower's FedProx strategy sends
+from fedphd.client.method import Instruction, LocalMethod, RoundTerm
+from fedphd.common.wire.keys import PROXIMAL_MU_KEY
 
 
 def snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -29,6 +30,32 @@ def proximal_term(model: torch.nn.Module, anchor: list[torch.Tensor], mu: float)
 
 
 def proximal_loss(model: torch.nn.Module, mu: float) -> Callable[[torch.nn.Module], torch.Tensor]:
-    """The extra loss for :class:`common.diffusion.DiffusionTrainer`, anchored at ``model`` now."""
+    """The extra loss for :class:`fedphd.common.core.diffusion.DiffusionTrainer`, anchored at
+    ``model`` now."""
     anchor = snapshot(model)
     return lambda current: proximal_term(current, anchor, mu)
+
+
+class ProximalRound(RoundTerm):
+    """``(mu / 2) * ||w - w_global||^2`` with ``w_global`` the weights the round started from."""
+
+    def __init__(self, model: torch.nn.Module, mu: float) -> None:
+        self.mu = mu
+        self._term = proximal_loss(model, mu)
+
+    def describe(self) -> str:
+        return f"proximal term, mu = {self.mu:g}"
+
+    def loss(self, model: torch.nn.Module) -> torch.Tensor:
+        return self._term(model)
+
+
+class FedProxLocal(LocalMethod):
+    """Active when the instruction's ``proximal_mu`` is above 0; carries nothing between
+    rounds (the anchor is each round's received model)."""
+
+    name = "fedprox"
+
+    def begin_round(self, model: torch.nn.Module, config: Instruction) -> ProximalRound | None:
+        mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
+        return ProximalRound(model, mu) if mu > 0 else None

@@ -10,16 +10,21 @@ round, all on the same noisy images and timesteps::
 The representation is the U-Net's bottleneck (``mid_block`` output), spatially averaged: it
 carries gradient to everything below it. (The reference code's term used tensors without
 gradient and so changed nothing; a test here checks that this one changes the gradients.)
-The server side is :class:`server.moon.MOON`, which sends ``moon_mu`` and ``moon_tau``.
+The server side is :class:`fedphd.server.moon.MOON`, which sends ``moon_mu`` and ``moon_tau``.
 """
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
+
+from fedphd.client.method import Instruction, LocalMethod, RoundTerm
+from fedphd.common.core.models import load_ndarrays, model_to_ndarrays
+from fedphd.common.wire.keys import MOON_MU_KEY, MOON_TAU_KEY
 
 
 def representation(features: torch.Tensor) -> torch.Tensor:
@@ -45,7 +50,7 @@ def frozen_copy(model: UNet2DModel) -> UNet2DModel:
 
 
 class MoonTerm:
-    """``mu * l_con`` for :class:`common.diffusion.DiffusionTrainer` as an extra loss.
+    """``mu * l_con`` for :class:`fedphd.common.core.diffusion.DiffusionTrainer` as an extra loss.
 
     Hooks on the training model record each step's inputs and bottleneck output; calling the
     term runs the frozen global and previous models on the same inputs.
@@ -94,3 +99,58 @@ class MoonTerm:
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
+
+
+class MoonRound(RoundTerm):
+    """One round's ``mu * l_con``; closing it records the model the round leaves as the next
+    round's previous local model."""
+
+    def __init__(self, method: MoonLocal, model: UNet2DModel, term: MoonTerm) -> None:
+        self.method, self.model, self.term = method, model, term
+
+    def describe(self) -> str:
+        return f"MOON term, mu = {self.term.mu:g}"
+
+    def loss(self, model: UNet2DModel) -> torch.Tensor:
+        return self.term(model)
+
+    def close(self) -> None:
+        self.term.close()
+        # Also after a failed round: z_prev is this client's model as the round left it.
+        self.method.previous_local = model_to_ndarrays(self.model)
+
+
+class MoonLocal(LocalMethod):
+    """Active when the instruction's ``moon_mu`` is above 0 (``moon_tau`` defaults to 0.5).
+    Carries this client's previous local model; the global model is each round's received
+    one."""
+
+    name = "moon"
+
+    def __init__(self) -> None:
+        self.previous_local: list[np.ndarray] | None = None
+
+    def begin_round(self, model: UNet2DModel, config: Instruction) -> MoonRound | None:
+        mu = float(config.get(MOON_MU_KEY, 0.0))
+        if mu <= 0:
+            return None
+        tau = float(config.get(MOON_TAU_KEY, 0.5))
+        term = MoonTerm(model, frozen_copy(model), self._previous_model(model), mu, tau)
+        return MoonRound(self, model, term)
+
+    def _previous_model(self, model: UNet2DModel) -> UNet2DModel:
+        """This client's last local model; the global one on its first round or after the
+        architecture changed."""
+        previous_model = frozen_copy(model)
+        previous = self.previous_local
+        if previous is not None and [a.shape for a in previous] == [
+            t.shape for t in model.state_dict().values()
+        ]:
+            load_ndarrays(previous_model, previous)
+        return previous_model
+
+    def state(self) -> list[np.ndarray] | None:
+        return self.previous_local
+
+    def load_state(self, state: list[np.ndarray] | None) -> None:
+        self.previous_local = state

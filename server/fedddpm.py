@@ -26,22 +26,27 @@ import time
 
 import numpy as np
 import torch
-from flwr.server.strategy import FedAvg
 from torch.utils.data import TensorDataset
 
-from common.config import RunConfig
-from common.diffusion import (
+from fedphd.common.core.diffusion import (
     DiffusionTrainer,
     ddpm_loss,
     endless_batches,
     make_noise_scheduler,
     sample_images,
 )
-from common.instructions import LOCAL_STEPS_KEY
-from common.models import architecture_from_json, build_unet, load_ndarrays, model_to_ndarrays
-from common.transport import (
+from fedphd.common.core.models import (
+    architecture_from_json,
+    build_unet,
+    load_ndarrays,
+    model_to_ndarrays,
+)
+from fedphd.common.settings.config import RunConfig
+from fedphd.common.wire.keys import LOCAL_STEPS_KEY, PHASE_KEY
+from fedphd.common.wire.transport import (
     ClientManager,
     ClientProxy,
+    FedAvg,
     FitIns,
     FitRes,
     Parameters,
@@ -52,7 +57,6 @@ from common.transport import (
 
 log = logging.getLogger("fedphd.fedddpm")
 
-PHASE_KEY = "fedddpm.phase"
 
 
 class SlowLearning:

@@ -1,7 +1,8 @@
 """FedDiffuse (de Goede et al., arXiv 2406.12575): FedAvg that shares only parts of the U-Net.
 
 The U-Net splits into groups ``down`` (input conv, time embedding, down blocks), ``mid``
-(bottleneck) and ``up`` (up blocks, output norm and conv); see :mod:`common.unet_groups`.
+(bottleneck) and ``up`` (up blocks, output norm and conv); see
+:mod:`fedphd.common.core.unet_groups`.
 
 * ``full``: FedAvg of everything.
 * ``udec``: clients train their whole model but share only ``up``; ``down`` and ``mid`` stay
@@ -27,13 +28,19 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
-from flwr.server.strategy import FedAvg
 
-from common.strategy import RETURN_GROUPS_KEY, SEND_GROUPS_KEY, TRAIN_GROUPS_KEY
-from common.transport import (
+from fedphd.common.core.unet_groups import GROUPS, format_groups, group_indices
+from fedphd.common.wire.keys import (
+    EVALUATE_KEY,
+    RETURN_GROUPS_KEY,
+    SEND_GROUPS_KEY,
+    TRAIN_GROUPS_KEY,
+)
+from fedphd.common.wire.transport import (
     ClientManager,
     ClientProxy,
     EvaluateIns,
+    FedAvg,
     FitIns,
     FitRes,
     Parameters,
@@ -41,9 +48,6 @@ from common.transport import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from common.unet_groups import GROUPS, format_groups, group_indices
-
-EVALUATE_KEY = "fedphd.evaluate"
 
 # mode -> (groups sent, groups trained, groups returned) for every client.
 _FIXED_MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {

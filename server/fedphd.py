@@ -31,19 +31,26 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
-from flwr.server.strategy import FedAvg
-from flwr.server.strategy.aggregate import aggregate
 
-from common.instructions import ASSIGNMENT_KEY
-from common.strategy import add_to_config
-from common.transport import (
+from fedphd.common.federation.strategy import add_to_config
+from fedphd.common.wire.keys import (
+    ADDRESS_PROPERTY,
+    ASSIGNMENT_KEY,
+    CLIENT_ID_METRIC,
+    EDGE_CLIENTS_PROPERTY,
+    EDGE_ID_METRIC,
+    LABEL_HIST_METRIC,
+)
+from fedphd.common.wire.transport import (
     ClientManager,
     ClientProxy,
+    FedAvg,
     FitIns,
     FitRes,
     GetPropertiesIns,
     Parameters,
     Scalar,
+    aggregate,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -152,10 +159,11 @@ class FedPhD(FedAvg):
             except Exception as error:  # noqa: BLE001 - a lost edge must not stop the run
                 log.warning("no statistics from peer %s: %r", proxy.cid, error)
                 continue
-            if "address" not in props:
+            if ADDRESS_PROPERTY not in props:
                 continue  # a plain client (flat mode): nothing to assign
-            addresses.append(str(props["address"]))
-            hists.update({int(c): h for c, h in json.loads(str(props["clients"])).items()})
+            addresses.append(str(props[ADDRESS_PROPERTY]))
+            clients = json.loads(str(props[EDGE_CLIENTS_PROPERTY]))
+            hists.update({int(c): h for c, h in clients.items()})
         return addresses, hists
 
     def configure_fit(
@@ -185,14 +193,14 @@ class FedPhD(FedAvg):
             return None, {}
         if not self.accept_failures and failures:
             return None, {}
-        hists = [json.loads(str(res.metrics["label_hist"])) for _, res in results]
+        hists = [json.loads(str(res.metrics[LABEL_HIST_METRIC])) for _, res in results]
         samples = [res.num_examples for _, res in results]
         weights = cloud_weights(samples, hists, self.sh_weight, self.sh_bias)
         merged = aggregate(
             [(parameters_to_ndarrays(res.parameters), w)
              for (_, res), w in zip(results, weights, strict=True)]
         )
-        names = [str(res.metrics.get("edge_id", res.metrics.get("client_id", "?")))
+        names = [str(res.metrics.get(EDGE_ID_METRIC, res.metrics.get(CLIENT_ID_METRIC, "?")))
                  for _, res in results]
         metrics: dict[str, Scalar] = {
             "cloud_weights": json.dumps(dict(zip(names, weights, strict=True))),

@@ -1,18 +1,16 @@
 """MOON's server side: FedAvg that asks clients for the model-contrastive term.
 
 Aggregation is FedAvg's; every fit instruction carries ``moon_mu`` (weight of the term) and
-``moon_tau`` (temperature), which :mod:`client.moon` turns into
+``moon_tau`` (temperature), which :mod:`fedphd.client.moon` turns into
 ``L = L_ddpm + mu * l_con`` on each client.
 """
 
 from __future__ import annotations
 
-from flwr.server.strategy import FedAvg
-
-from common.instructions import MOON_MU_KEY as MU_KEY
-from common.instructions import MOON_TAU_KEY as TAU_KEY
-from common.strategy import add_to_config
-from common.transport import ClientManager, ClientProxy, FitIns, Parameters
+from fedphd.common.federation.strategy import add_to_config
+from fedphd.common.wire.keys import MOON_MU_KEY as MU_KEY
+from fedphd.common.wire.keys import MOON_TAU_KEY as TAU_KEY
+from fedphd.common.wire.transport import ClientManager, ClientProxy, FedAvg, FitIns, Parameters
 
 
 class MOON(FedAvg):

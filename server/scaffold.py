@@ -3,7 +3,7 @@
 ``x <- aggregate(y_i)`` (FedAvg's sample-weighted mean) and
 ``c <- c + (|S| / N) * mean_{i in S} delta_c_i``, with ``S`` the clients that answered and
 ``N`` the clients connected when the round was configured. ``c`` travels with every
-instruction; see :mod:`client.scaffold` for the client side.
+instruction; see :mod:`fedphd.client.scaffold` for the client side.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.server.strategy import FedAvg
 
-from common.codec import vector_from_bytes, vector_to_bytes
-from common.instructions import CONTROL_DELTA_KEY, SERVER_CONTROL_KEY
-from common.strategy import add_to_config
-from common.transport import (
+from fedphd.common.federation.strategy import add_to_config
+from fedphd.common.wire.codec import vector_from_bytes, vector_to_bytes
+from fedphd.common.wire.keys import CONTROL_DELTA_KEY, SERVER_CONTROL_KEY
+from fedphd.common.wire.transport import (
     ClientManager,
     ClientProxy,
+    FedAvg,
     FitIns,
     FitRes,
     Parameters,

@@ -17,10 +17,10 @@ import pickle
 
 import numpy as np
 
-from common import codec
-from common.instructions import ARCH_KEY, ROUND_KEY
-from common.models import architecture_from_json, build_unet, model_to_ndarrays
-from common.transport import (
+from fedphd.common.core.models import architecture_from_json, build_unet, model_to_ndarrays
+from fedphd.common.wire import codec
+from fedphd.common.wire.keys import ARCH_KEY, ROUND_KEY
+from fedphd.common.wire.transport import (
     GRPC_MAX_MESSAGE_LENGTH,
     Client,
     FitIns,
@@ -73,36 +73,41 @@ def encoded(arrays: list[np.ndarray]) -> Parameters:
     return codec.encode(arrays, "fp32")
 
 
+# Answers whose tensors are wrong as a whole (built from the reference model).
+_WHOLE_MODEL_ATTACKS = {
+    "nan": lambda ref, arch: poisoned(ref, np.nan),
+    "inf": lambda ref, arch: poisoned(ref, np.inf),
+    "shape": lambda ref, arch: reshaped(ref),
+    "dtype": lambda ref, arch: [a.astype(np.float64) if a.dtype == np.float32 else a
+                                for a in ref],
+    "count": lambda ref, arch: ref[:-1],
+    "arch": lambda ref, arch: other_unet(arch),
+}
+
+# Answers whose bytes are wrong: each replaces the encoded tensors.
+_BYTE_ATTACKS = {
+    "truncated": lambda tensors, ref: [tensors[0][: len(tensors[0]) // 2], *tensors[1:]],
+    # A 4 TB tensor declared in the header, 16 bytes of data behind it.
+    "bomb": lambda tensors, ref: [
+        _declare_shape(npy(np.zeros(4, np.float32)), "(1099511627776,)"), *tensors[1:]],
+    "pickle": lambda tensors, ref: [
+        npy(np.array([{"os.system": "echo pwned"}], dtype=object), allow_pickle=True),
+        *tensors[1:]],
+    "raw-pickle": lambda tensors, ref: [pickle.dumps(ref[0]), *tensors[1:]],
+    "oversized": lambda tensors, ref: [npy(np.zeros(OVERSIZED_BYTES // 4, np.float32))],
+}
+
+
 def bad_payload(kind: str, reference: list[np.ndarray], arch_json: str) -> Parameters:
     """One malformed or malicious answer of ``kind``."""
-    if kind == "nan":
-        return encoded(poisoned(reference, np.nan))
-    if kind == "inf":
-        return encoded(poisoned(reference, np.inf))
-    if kind == "shape":
-        return encoded(reshaped(reference))
-    if kind == "dtype":
-        return encoded([a.astype(np.float64) if a.dtype == np.float32 else a for a in reference])
-    if kind == "count":
-        return encoded(reference[:-1])
-    if kind == "arch":
-        return encoded(other_unet(arch_json))
+    if kind in _WHOLE_MODEL_ATTACKS:
+        return encoded(_WHOLE_MODEL_ATTACKS[kind](reference, arch_json))
     parameters = encoded(reference)
     tensors = list(parameters.tensors)
-    if kind == "truncated":
-        tensors[0] = tensors[0][: len(tensors[0]) // 2]
-    elif kind == "bomb":
-        # A 4 TB tensor declared in the header, 16 bytes of data behind it.
-        tensors[0] = _declare_shape(npy(np.zeros(4, np.float32)), "(1099511627776,)")
-    elif kind == "pickle":
-        tensors[0] = npy(np.array([{"os.system": "echo pwned"}], dtype=object),
-                         allow_pickle=True)
-    elif kind == "raw-pickle":
-        tensors[0] = pickle.dumps(reference[0])
-    elif kind == "codec":
+    if kind == "codec":
         return Parameters(tensors=tensors, tensor_type="fedphd.zip-bomb")
-    elif kind == "oversized":
-        tensors = [npy(np.zeros(OVERSIZED_BYTES // 4, np.float32))]
+    if kind in _BYTE_ATTACKS:
+        tensors = _BYTE_ATTACKS[kind](tensors, reference)
     elif kind not in ("metrics", "examples"):
         raise ValueError(f"unknown attack kind {kind!r}")
     return Parameters(tensors=tensors, tensor_type=parameters.tensor_type)

@@ -16,10 +16,10 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 def fedphd(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
            cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the real command line (``python -m common.cli``) in a subprocess."""
+    """Run the real command line (``python -m fedphd.common.commands.cli``) in a subprocess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", *args],
+        [sys.executable, "-m", "fedphd.common.commands.cli", *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd,
     )
 

@@ -10,8 +10,8 @@ import torch
 from flwr.server.strategy import FedAdam
 from torch.utils.data import TensorDataset
 
-from common import codec
-from common.checkpoint import (
+from fedphd.common.core.diffusion import BatchStream
+from fedphd.common.federation.checkpoint import (
     CHECKPOINT_FILE,
     CloudCheckpoint,
     random_state,
@@ -19,9 +19,9 @@ from common.checkpoint import (
     restore_strategy,
     strategy_state,
 )
-from common.config import ConfigError, load_config
-from common.diffusion import BatchStream
-from common.transport import Code, FitRes, Status, ndarrays_to_parameters
+from fedphd.common.settings.config import ConfigError, load_config
+from fedphd.common.wire import codec
+from fedphd.common.wire.transport import Code, FitRes, Status, ndarrays_to_parameters
 from tests.test_strategy import FakeProxy
 
 
@@ -43,7 +43,7 @@ def test_a_flower_strategy_state_survives_a_checkpoint(tmp_path):
     original = fedadam(initial)
     original.aggregate_fit(1, answers(), [])
     cfg = load_config()
-    CloudCheckpoint(1, "{}", initial, False, strategy_state(original), {"up": 1}, {}, (1, 2, 3),
+    CloudCheckpoint(1, "{}", initial, {}, strategy_state(original), {"up": 1}, {}, (1, 2, 3),
                     0, cfg.model_dump(mode="json")).save(tmp_path)
     restored = fedadam(initial)
     restore_strategy(restored, CloudCheckpoint.load(tmp_path).strategy)
@@ -87,7 +87,7 @@ def test_random_state_is_restored():
 
 def test_resume_refuses_another_config_and_a_damaged_file(tmp_path):
     cfg = load_config()
-    checkpoint = CloudCheckpoint(2, "{}", [], False, {"explicit": False, "state": {}}, {}, {},
+    checkpoint = CloudCheckpoint(2, "{}", [], {}, {"explicit": False, "state": {}}, {}, {},
                                  (0, 0, 0), 0, cfg.model_dump(mode="json"))
     checkpoint.save(tmp_path)
     loaded = CloudCheckpoint.load(tmp_path)
@@ -104,6 +104,42 @@ def test_resume_refuses_another_config_and_a_damaged_file(tmp_path):
         CloudCheckpoint.load(tmp_path / "elsewhere")
 
 
+def test_a_checkpoint_of_the_old_layout_resumes_with_the_new_paths(tmp_path):
+    """A run saved before the package was ``fedphd`` names its strategies by the old dotted
+    paths (``server.fedphd.FedPhD``): the same classes as the new paths, so the run's config
+    in the new layout resumes it; a real change of strategy is still refused."""
+    old_layout = load_config(overrides=["topology.cloud_strategy=server.fedphd.FedPhD",
+                                        "topology.edge_strategy=server.feddiffuse.FedDiffuse"])
+    CloudCheckpoint(1, "{}", [], {}, {"explicit": False, "state": {}}, {}, {}, (0, 0, 0), 0,
+                    old_layout.model_dump(mode="json")).save(tmp_path)
+    loaded = CloudCheckpoint.load(tmp_path)
+    assert loaded.config["topology"]["cloud_strategy"] == "server.fedphd.FedPhD"
+    loaded.check_config(load_config(overrides=[
+        "topology.cloud_strategy=fedphd.server.fedphd.FedPhD",
+        "topology.edge_strategy=fedphd.server.feddiffuse.FedDiffuse"]))
+    with pytest.raises(ConfigError, match=r"topology\.cloud_strategy"):
+        loaded.check_config(load_config(overrides=[
+            "topology.cloud_strategy=fedphd.server.feddiffuse.FedDiffuse",
+            "topology.edge_strategy=fedphd.server.feddiffuse.FedDiffuse"]))
+    with pytest.raises(ConfigError, match=r"topology\.edge_strategy"):
+        loaded.check_config(load_config(overrides=[
+            "topology.cloud_strategy=fedphd.server.fedphd.FedPhD"]))
+
+
+def test_a_version_1_checkpoint_loads_its_pruned_flag_as_the_schedule_state(tmp_path):
+    """Before model schedules a checkpoint kept FedPhD's ``pruned`` flag itself."""
+    cfg = load_config()
+    CloudCheckpoint(3, "{}", [np.ones(2, np.float32)], {"pruned": True},
+                    {"explicit": False, "state": {}}, {}, {}, (0, 0, 0), 0,
+                    cfg.model_dump(mode="json")).save(tmp_path)
+    data = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    data["format"] = 1
+    data["pruned"] = data.pop("schedule")["pruned"]
+    torch.save(data, tmp_path / CHECKPOINT_FILE)
+    loaded = CloudCheckpoint.load(tmp_path)
+    assert loaded.schedule == {"pruned": True} and loaded.completed_round == 3
+
+
 def test_a_batch_stream_returns_to_an_earlier_position():
     data = TensorDataset(torch.arange(10.0).view(10, 1), torch.zeros(10))
     stream = BatchStream(data, 3, seed=5, device=torch.device("cpu"))
@@ -118,10 +154,15 @@ def test_a_batch_stream_returns_to_an_earlier_position():
 def test_a_client_replays_a_round_it_already_trained(tmp_path):
     """The same instruction again (a resumed cloud) gives the same answer, bit for bit; the
     next round after the replay equals the next round without it."""
-    from client.client import DiffusionClient, local_data
-    from common.instructions import ARCH_KEY, LOCAL_STEPS_KEY, ROUND_KEY
-    from common.models import architecture_of, architecture_to_json, build_unet, unet_config
-    from common.transport import FitIns
+    from fedphd.client.client import DiffusionClient, local_data
+    from fedphd.common.core.models import (
+        architecture_of,
+        architecture_to_json,
+        build_unet,
+        unet_config,
+    )
+    from fedphd.common.wire.keys import ARCH_KEY, LOCAL_STEPS_KEY, ROUND_KEY
+    from fedphd.common.wire.transport import FitIns
 
     cfg = load_config(overrides=["topology.edges=0", "training.local_steps=2",
                                  "training.batch_size=8"])
@@ -162,7 +203,7 @@ def test_sampling_follows_the_peers_ids_not_their_connection_order():
     import random
     import time
 
-    from common.transport import BoundedClientManager
+    from fedphd.common.wire.transport import BoundedClientManager
     from tests.test_strategy import IdentifiedProxy
 
     def sampled(order: list[int], prefix: str) -> list[int]:

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from common import codec
-from common.transport import Parameters
+from fedphd.common.wire import codec
+from fedphd.common.wire.transport import Parameters
 
 
 def test_fp32_is_lossless_and_plain_flower():
@@ -68,8 +68,8 @@ def test_quantised_updates_need_the_sender_reference():
 
 def test_quantised_payload_of_the_reference_unet():
     """FedDM-quant's budget on the 35.75 M U-Net: <= 27 % (8-bit), <= 15 % (4-bit) of fp32."""
-    from common.config import ModelConfig
-    from common.models import build_unet, model_to_ndarrays, unet_config
+    from fedphd.common.core.models import build_unet, model_to_ndarrays, unet_config
+    from fedphd.common.settings.config import ModelConfig
 
     reference = model_to_ndarrays(build_unet(unet_config(ModelConfig(preset="ddpm-cifar10"))))
     trained = [r * 1.001 for r in reference]

@@ -115,7 +115,7 @@ def make_wheelhouse(folder: Path) -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = folder / "requirements.txt"
     folder.mkdir(parents=True)
-    requirements.write_text("\n".join([*torch_requirements(), "setuptools>=68",
+    requirements.write_text("\n".join([*torch_requirements(), "setuptools>=77",
                                        *project["dependencies"]]))
     timed("wheelhouse", sys.executable, "-m", "pip", "download", "--quiet", "-d", str(folder),
           "-r", str(requirements), timeout=1200)
@@ -192,8 +192,8 @@ def check_results(results: Path) -> None:
     """The cloud's metrics of 2 cloud rounds over both edges and a trained, loadable model."""
     from diffusers import UNet2DModel
 
-    from common.config import load_config
-    from common.models import build_unet, model_to_ndarrays, unet_config
+    from fedphd.common.core.models import build_unet, model_to_ndarrays, unet_config
+    from fedphd.common.settings.config import load_config
 
     records = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
     cloud = [r for r in records if r["tier"] == "cloud"]

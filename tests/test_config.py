@@ -2,7 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, RunConfig, apply_overrides, default_config_path, load_config
+from fedphd.common.settings.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    default_config_path,
+    load_config,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -75,11 +81,11 @@ def test_every_shipped_config_validates():
 
 
 def test_configuration_reference_in_docs_is_current():
-    from common.config import config_reference_markdown
+    from fedphd.common.settings.config import config_reference_markdown
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert docs.read_text().strip() == config_reference_markdown().strip(), (
-        "regenerate with: .venv/bin/python -m common.config > docs/configuration.md"
+        "regenerate with: .venv/bin/python -m fedphd.common.settings.config > docs/configuration.md"
     )
 
 

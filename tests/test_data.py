@@ -19,14 +19,14 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import celeba as tv_celeba
 from torchvision.datasets import cifar as tv_cifar
 
-from common.config import DataConfig
-from common.data import (
+from fedphd.common.data.datasets import (
     CELEBA_CLASS_NAMES,
     DatasetNotFoundError,
     LabeledImages,
     LabeledSubset,
     load_dataset,
 )
+from fedphd.common.settings.config import DataConfig
 
 CELEBA_ATTRIBUTES = (  # noqa: SIM905 (the 40 names as in list_attr_celeba.txt's header)
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "

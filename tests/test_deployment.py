@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from diffusers import UNet2DModel
 
-from common.config import load_config
-from common.models import build_unet, model_to_ndarrays, unet_config
+from fedphd.common.core.models import build_unet, model_to_ndarrays, unet_config
+from fedphd.common.settings.config import load_config
 from tests.conftest import TESTS_DIR, fedphd, port_overrides
 
 pytestmark = pytest.mark.slow
@@ -165,7 +165,7 @@ def test_launcher_stops_every_process_it_started_on_sigterm(tmp_path, ports):
 
     out = tmp_path / "terminated"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "launch", "--out", str(out), *FAST,
+        [sys.executable, "-m", "fedphd.common.commands.cli", "launch", "--out", str(out), *FAST,
          *port_overrides(ports), "--set", "topology.cloud_rounds=50"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

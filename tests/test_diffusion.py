@@ -2,9 +2,7 @@ import numpy as np
 import torch
 from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
 
-from common.config import DataConfig, DiffusionConfig, ModelConfig, TrainingConfig
-from common.data import load_dataset
-from common.diffusion import (
+from fedphd.common.core.diffusion import (
     DiffusionTrainer,
     endless_batches,
     load_model,
@@ -12,7 +10,9 @@ from common.diffusion import (
     sample_images,
     save_model,
 )
-from common.models import build_unet, unet_config
+from fedphd.common.core.models import build_unet, unet_config
+from fedphd.common.data.datasets import load_dataset
+from fedphd.common.settings.config import DataConfig, DiffusionConfig, ModelConfig, TrainingConfig
 
 
 def tiny_model(seed: int = 0) -> UNet2DModel:

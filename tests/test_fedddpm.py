@@ -7,19 +7,24 @@ import json
 import numpy as np
 import pytest
 
-from common import codec
-from common.config import ModelConfig, load_config
-from common.instructions import LOCAL_STEPS_KEY
-from common.models import (
+from fedphd.common.core.models import (
     architecture_of,
     architecture_to_json,
     build_unet,
     model_to_ndarrays,
     unet_config,
 )
-from common.strategy import client_strategy_defaults, run_context
-from common.transport import FitRes, SimpleClientManager, ndarrays_to_parameters, ok_status
-from server.fedddpm import PHASE_KEY, FedDDPM, SlowLearning, shares
+from fedphd.common.federation.strategy import client_strategy_defaults, run_context
+from fedphd.common.settings.config import ModelConfig, load_config
+from fedphd.common.wire import codec
+from fedphd.common.wire.keys import LOCAL_STEPS_KEY, PHASE_KEY
+from fedphd.common.wire.transport import (
+    FitRes,
+    SimpleClientManager,
+    ndarrays_to_parameters,
+    ok_status,
+)
+from fedphd.server.fedddpm import FedDDPM, SlowLearning, shares
 from tests.conftest import TESTS_DIR
 from tests.test_strategy import FakeProxy
 
@@ -174,7 +179,11 @@ def test_a_checkpointed_fedddpm_corrects_the_next_round_as_the_original(tmp_path
     """The auxiliary set, FedDDPM+'s loss history and the server optimiser (Adam moments,
     noise generator, batch position) survive a cloud checkpoint: the restored strategy's next
     round is bit-identical to the original's."""
-    from common.checkpoint import CloudCheckpoint, restore_strategy, strategy_state
+    from fedphd.common.federation.checkpoint import (
+        CloudCheckpoint,
+        restore_strategy,
+        strategy_state,
+    )
 
     original = strategy(plus=True, window=1, threshold=1e9)
     proxies = pretrained(original, manager_with(2))
@@ -182,7 +191,7 @@ def test_a_checkpointed_fedddpm_corrects_the_next_round_as_the_original(tmp_path
         original.aggregate_fit(server_round, answers(proxies, [perturbed(0.02, server_round)] * 2,
                                                      [1, 1]), [])
     cfg = load_config()
-    CloudCheckpoint(4, ARCH, [], False, strategy_state(original), {}, {}, (0, 0, 0), 0,
+    CloudCheckpoint(4, ARCH, [], {}, strategy_state(original), {}, {}, (0, 0, 0), 0,
                     cfg.model_dump(mode="json")).save(tmp_path)
     restored = strategy(plus=True, window=1, threshold=1e9)
     restore_strategy(restored, CloudCheckpoint.load(tmp_path).strategy)

@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.client import DiffusionClient, local_data
-from common import codec
-from common.config import ModelConfig, load_config
-from common.instructions import LOCAL_STEPS_KEY
-from common.models import (
+from fedphd.client.client import DiffusionClient, local_data
+from fedphd.common.core.models import (
     PRESETS,
     architecture_of,
     architecture_to_json,
@@ -21,17 +18,30 @@ from common.models import (
     model_to_ndarrays,
     unet_config,
 )
-from common.strategy import (
-    ARCH_KEY,
-    RETURN_GROUPS_KEY,
-    SEND_GROUPS_KEY,
-    TRAIN_GROUPS_KEY,
+from fedphd.common.core.unet_groups import (
+    GROUPS,
+    group_indices,
+    group_of,
+    group_sizes,
+    select,
+    tensor_names,
+)
+from fedphd.common.federation.strategy import (
     ManagedStrategy,
     build_strategy,
     client_strategy_defaults,
     run_context,
 )
-from common.transport import (
+from fedphd.common.settings.config import ModelConfig, load_config
+from fedphd.common.wire import codec
+from fedphd.common.wire.keys import (
+    ARCH_KEY,
+    LOCAL_STEPS_KEY,
+    RETURN_GROUPS_KEY,
+    SEND_GROUPS_KEY,
+    TRAIN_GROUPS_KEY,
+)
+from fedphd.common.wire.transport import (
     Code,
     FitIns,
     FitRes,
@@ -39,8 +49,7 @@ from common.transport import (
     ndarrays_to_parameters,
     ok_status,
 )
-from common.unet_groups import GROUPS, group_indices, group_of, group_sizes, select, tensor_names
-from server.feddiffuse import FedDiffuse, average_groups, usplit_assignment
+from fedphd.server.feddiffuse import FedDiffuse, average_groups, usplit_assignment
 from tests.conftest import TESTS_DIR, fedphd
 from tests.test_strategy import FakeProxy
 
@@ -80,7 +89,7 @@ def test_decoder_share_of_the_reference_unet():
 
 def managed_feddiffuse(mode: str, clients: int = 4):
     initial = ndarrays_to_parameters(model_to_ndarrays(TINY))
-    inner = build_strategy("server.feddiffuse.FedDiffuse", {"mode": mode},
+    inner = build_strategy("fedphd.server.feddiffuse.FedDiffuse", {"mode": mode},
                            client_strategy_defaults(1.0, 1, initial), "topology.cloud_strategy",
                            run_context(None, TINY_ARCH))
     strategy = ManagedStrategy(inner, {ARCH_KEY: TINY_ARCH}, names=NAMES)
@@ -111,8 +120,9 @@ def test_udec_sends_and_accepts_only_decoder_tensors_and_averages_them():
     full_model = [a + 1 for a in global_model]  # a client that leaks its private parts
     results = [reply(proxies[0], decoders[0], 10), reply(proxies[1], decoders[1], 30),
                reply(proxies[2], full_model, 10)]
-    params, metrics = strategy.aggregate_fit(1, results, [])
-    assert "groups up only" in strategy.last_round.rejected[f"client {proxies[2].cid}"]
+    aggregate = strategy.aggregate_round(1, results, [])
+    params, metrics = aggregate.parameters, aggregate.metrics
+    assert "groups up only" in aggregate.summary.rejected[f"client {proxies[2].cid}"]
     merged = codec.decode(params)
     for i in UP:
         assert np.allclose(merged[i], 0.25 * 1.0 + 0.75 * 4.0)
@@ -293,7 +303,7 @@ def test_usplit_pairs_the_same_clients_whatever_their_connection_order():
     order, e.g. to a resumed cloud."""
     import random
 
-    from common.transport import BoundedClientManager
+    from fedphd.common.wire.transport import BoundedClientManager
     from tests.test_strategy import IdentifiedProxy
 
     def groups_by_client(order: list[int], connection_id) -> dict[int, str]:

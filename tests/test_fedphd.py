@@ -1,4 +1,4 @@
-"""FedPhD's homogeneity, cloud weights and client-to-edge selection."""
+"""FedPhD's homogeneity, cloud weights, client-to-edge selection and pruning schedule."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ import math
 import numpy as np
 import pytest
 
-from common import codec
-from server.fedphd import FedPhD, cloud_weights, select_edges, statistical_homogeneity
+from fedphd.common.core.models import build_unet, count_parameters, unet_config
+from fedphd.common.core.pruning import PrunedUNet2DModel
+from fedphd.common.settings.config import load_config
+from fedphd.common.wire import codec
+from fedphd.common.wire.keys import GROUP_LASSO_KEY
+from fedphd.server.fedphd import FedPhD, cloud_weights, select_edges, statistical_homogeneity
+from fedphd.server.fedphd_pruning import PruningSchedule
+from fedphd.server.methods import model_schedule
+from fedphd.server.metrics_log import MetricsLog
+from fedphd.server.schedule import FixedSchedule
 from tests.test_strategy import FakeProxy
 
 PAIRS = [[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]]
@@ -89,7 +97,7 @@ def test_aggregation_weights_edges_by_homogeneity():
     skewed = [np.full(3, 5.0, np.float32)]
 
     def answer(edge_id, arrays, hist):
-        from common.transport import FitRes, ok_status
+        from fedphd.common.wire.transport import FitRes, ok_status
 
         metrics = {"edge_id": edge_id, "label_hist": json.dumps(hist)}
         return FakeProxy(str(edge_id)), FitRes(ok_status(), codec.encode(arrays, "fp32"),
@@ -102,3 +110,65 @@ def test_aggregation_weights_edges_by_homogeneity():
     assert np.allclose(codec.decode(params)[0], w0 * 1.0 + w1 * 5.0)
     assert w0 > w1  # the balanced edge counts more, although both sent 10 samples
     assert json.loads(metrics["cloud_weights"]) == pytest.approx({"0": w0, "1": w1})
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_pruning_schedule_prunes_once_after_the_sparse_rounds(tmp_path):
+    cfg = load_config(overrides=["pruning.enabled=true", "pruning.ratio=0.3",
+                                 "pruning.sparse_rounds=2", "pruning.group_lasso=0.01"])
+    schedule = model_schedule(cfg)
+    assert isinstance(schedule, PruningSchedule)
+    assert schedule.instruction_keys() == {GROUP_LASSO_KEY: 0.01}  # sparse training
+    model = build_unet(unet_config(cfg.model), seed=0)
+    asked = []
+
+    def current():
+        asked.append(True)
+        return model
+
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    # At the start and before the sparse rounds: no change, the model is not even decoded.
+    assert all(schedule.before_round(r, current, metrics) is None for r in (0, 1, 2))
+    assert not asked
+    before = count_parameters(model)
+    pruned = schedule.before_round(3, current, metrics)  # after the last group-lasso round
+    assert isinstance(pruned, PrunedUNet2DModel) and count_parameters(pruned) < before
+    assert schedule.instruction_keys() == {GROUP_LASSO_KEY: 0.0}
+    assert schedule.before_round(3, current, metrics) is None  # once only
+    metrics.close()
+    [line] = _lines(tmp_path / "metrics.jsonl")
+    assert line["tier"] == "pruning" and line["round"] == 2 and line["ratio"] == 0.3
+    assert line["params_before"] == before and line["params_after"] == count_parameters(pruned)
+    # A resumed run's schedule knows it pruned already.
+    resumed = model_schedule(cfg)
+    resumed.load_state(schedule.state())
+    assert resumed.instruction_keys() == {GROUP_LASSO_KEY: 0.0}
+    assert resumed.before_round(3, current, metrics) is None
+
+
+def test_without_sparse_rounds_the_initial_model_is_pruned_at_the_start(tmp_path):
+    cfg = load_config(overrides=["pruning.enabled=true", "pruning.group_lasso=0.01"])
+    schedule = model_schedule(cfg)
+    assert schedule.instruction_keys() == {GROUP_LASSO_KEY: 0.0}  # no sparse training
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    model = build_unet(unet_config(cfg.model), seed=0)
+    assert schedule.before_round(0, lambda: model, metrics) is not None
+    assert schedule.before_round(1, lambda: model, metrics) is None
+    metrics.close()
+    assert [line["round"] for line in _lines(tmp_path / "metrics.jsonl")] == [0]
+
+
+def test_without_pruning_the_model_never_changes(tmp_path):
+    schedule = model_schedule(load_config())
+    assert isinstance(schedule, FixedSchedule)
+    # FedPhD's group-lasso weight travels as 0 (off), as before schedules existed.
+    assert schedule.instruction_keys() == {GROUP_LASSO_KEY: 0.0}
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    assert schedule.before_round(0, lambda: None, metrics) is None
+    assert schedule.state() == {}
+    schedule.load_state({"pruned": False})  # a version-1 checkpoint's flag: nothing to do
+    metrics.close()
+    assert _lines(tmp_path / "metrics.jsonl") == []

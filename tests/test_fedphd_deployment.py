@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from common.models import count_parameters
-from common.pruning import PrunedUNet2DModel, load_pretrained
+from fedphd.common.core.models import count_parameters
+from fedphd.common.core.pruning import PrunedUNet2DModel, load_pretrained
 from tests.conftest import TESTS_DIR
 from tests.test_deployment import launch
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from client.client import DiffusionClient, local_data
-from client.fedprox import proximal_loss, proximal_term, snapshot
-from common import codec
-from common.config import ModelConfig, load_config
-from common.instructions import ARCH_KEY, LOCAL_STEPS_KEY, LR_KEY
-from common.models import (
+from fedphd.client.client import DiffusionClient, local_data
+from fedphd.client.fedprox import proximal_loss, proximal_term, snapshot
+from fedphd.common.core.models import (
     architecture_of,
     architecture_to_json,
     build_unet,
     model_to_ndarrays,
     unet_config,
 )
-from common.transport import FitIns
+from fedphd.common.settings.config import ModelConfig, load_config
+from fedphd.common.wire import codec
+from fedphd.common.wire.keys import ARCH_KEY, LOCAL_STEPS_KEY, LR_KEY
+from fedphd.common.wire.transport import FitIns
 
 
 def test_gradient_of_the_proximal_term_is_mu_times_the_drift():

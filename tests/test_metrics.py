@@ -17,12 +17,14 @@ import torch
 import torchvision
 from pytorch_fid import inception as fid_inception
 
-from common import evaluate, metrics
-from common.config import DataConfig, ModelConfig, RunConfig
-from common.data import load_dataset
-from common.diffusion import make_noise_scheduler, save_model
-from common.evaluate import evaluate_model, register
-from common.metrics import (
+from fedphd.common.commands.evaluate import register
+from fedphd.common.core.diffusion import make_noise_scheduler, save_model
+from fedphd.common.core.models import build_unet, unet_config
+from fedphd.common.data.datasets import load_dataset
+from fedphd.common.quality import evaluation as evaluate
+from fedphd.common.quality import metrics
+from fedphd.common.quality.evaluation import evaluate_model
+from fedphd.common.quality.metrics import (
     FID_WEIGHTS_FILE,
     InceptionWeightsUnavailable,
     Reference,
@@ -35,7 +37,7 @@ from common.metrics import (
     resolve_inception_weights,
     train_feature_classifier,
 )
-from common.models import build_unet, unet_config
+from fedphd.common.settings.config import DataConfig, ModelConfig, RunConfig
 
 
 @pytest.fixture(autouse=True)

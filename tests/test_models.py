@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ModelConfig
-from common.models import (
+from fedphd.common.core.models import (
     architecture_from_json,
     architecture_of,
     architecture_to_json,
@@ -13,6 +12,7 @@ from common.models import (
     model_to_ndarrays,
     unet_config,
 )
+from fedphd.common.settings.config import ModelConfig
 
 
 def test_reference_cifar10_unet_has_35_75m_parameters():

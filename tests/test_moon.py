@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from client.moon import MoonTerm, contrastive_loss, frozen_copy
-from common.config import DiffusionConfig, ModelConfig
-from common.diffusion import ddpm_loss, make_noise_scheduler
-from common.models import build_unet, unet_config
+from fedphd.client.moon import MoonTerm, contrastive_loss, frozen_copy
+from fedphd.common.core.diffusion import ddpm_loss, make_noise_scheduler
+from fedphd.common.core.models import build_unet, unet_config
+from fedphd.common.settings.config import DiffusionConfig, ModelConfig
 from tests.conftest import TESTS_DIR
 
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from common import partition as P
-from common.config import PartitionConfig
+from fedphd.common.data import partition as P
+from fedphd.common.settings.config import PartitionConfig
 
 NUM_CLASSES = 10
 FEDPHD_PAIRS = [[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]]

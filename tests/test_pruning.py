@@ -16,8 +16,9 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from common.config import ConfigError, ModelConfig
-from common.models import (
+from fedphd.client.fedphd import group_lasso_penalty
+from fedphd.common.commands.prune import register
+from fedphd.common.core.models import (
     architecture_from_json,
     architecture_of,
     architecture_to_json,
@@ -27,16 +28,15 @@ from common.models import (
     model_to_ndarrays,
     unet_config,
 )
-from common.prune_cli import register
-from common.pruning import (
+from fedphd.common.core.pruning import (
     PrunedUNet2DModel,
     build_model,
-    group_lasso_penalty,
     load_pretrained,
     prune_unet,
     pruned_shapes,
     to_pruned_model,
 )
+from fedphd.common.settings.config import ConfigError, ModelConfig
 from tests.conftest import fedphd
 
 

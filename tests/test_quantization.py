@@ -1,4 +1,4 @@
-"""Tests of stochastic 8/4-bit quantisation of model updates (common.quantization)."""
+"""Tests of stochastic 8/4-bit quantisation of model updates (fedphd.common.wire.quantization)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
-from common import quantization as qz
+from fedphd.common.wire import quantization as qz
 
 CONFIGS = [(8, False), (8, True), (4, False), (4, True)]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import load_config
-from common.diffusion import load_model
-from common.launcher import write_resolved_config
-from common.limits import GRPC_CEILING_BYTES, MESSAGE_MARGIN_BYTES, max_message_bytes, model_bytes
-from common.models import build_unet, model_to_ndarrays, unet_config
-from common.topology import edge_of_client
+from fedphd.common.commands.launcher import write_resolved_config
+from fedphd.common.core.diffusion import load_model
+from fedphd.common.core.models import build_unet, model_to_ndarrays, unet_config
+from fedphd.common.settings.config import load_config
+from fedphd.common.settings.topology import edge_of_client
+from fedphd.common.wire.limits import (
+    GRPC_CEILING_BYTES,
+    MESSAGE_MARGIN_BYTES,
+    max_message_bytes,
+    model_bytes,
+)
 from tests.conftest import free_port_block
 
 # Fast rounds on the offline digits; plaintext, since these processes are all ours.
@@ -57,7 +63,7 @@ class Processes:
         return process
 
     def fedphd(self, name: str, *argv: str) -> subprocess.Popen:
-        return self.start(name, "-m", "common.cli", *argv)
+        return self.start(name, "-m", "fedphd.common.commands.cli", *argv)
 
     def log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text(errors="replace")
@@ -195,9 +201,10 @@ def test_bad_payloads_are_rejected_and_the_model_equals_the_run_without_attacker
 
 
 def rounds_started(procs: Processes) -> int:
-    """Fit rounds the cloud has sent instructions for (Flower logs each sampling, once in
-    its own format and once through the process's log format, the one counted)."""
-    return procs.log("cloud").count("flwr: configure_fit: strategy sampled")
+    """Fit rounds the cloud has sent instructions for (``run_fit_round`` logs each sampling;
+    it replaced Flower's ``Server.fit_round`` and its "configure_fit: strategy sampled")."""
+    return len(re.findall(r"fedphd\.rounds: round \d+: \d+ of \d+ peers selected",
+                          procs.log("cloud")))
 
 
 @pytest.mark.slow
@@ -259,9 +266,9 @@ def test_an_instruction_with_a_bad_architecture_fails_the_answer_saying_why(tmp_
                                                                              reason):
     import torch
 
-    from client.client import DiffusionClient, LocalData
-    from common.instructions import ARCH_KEY
-    from common.transport import Code, FitIns, ndarrays_to_parameters
+    from fedphd.client.client import DiffusionClient, LocalData
+    from fedphd.common.wire.keys import ARCH_KEY
+    from fedphd.common.wire.transport import Code, FitIns, ndarrays_to_parameters
 
     client = DiffusionClient(load_config(), 0, LocalData([], []), torch.device("cpu"), tmp_path)
     res = client.fit(FitIns(ndarrays_to_parameters([]), {ARCH_KEY: arch}))
@@ -275,8 +282,8 @@ def test_pickled_and_inflated_tensors_are_refused_before_numpy_reads_them():
     import io
     import pickle
 
-    from common import codec
-    from common.transport import Parameters
+    from fedphd.common.wire import codec
+    from fedphd.common.wire.transport import Parameters
     from tests.attacker import _declare_shape, npy
 
     refused = {
@@ -295,8 +302,8 @@ def test_pickled_and_inflated_tensors_are_refused_before_numpy_reads_them():
 
 
 def test_failures_are_described_with_their_sender():
-    from common.strategy import describe_failure
-    from common.transport import Code, FitRes, GrpcBridgeClosed, Parameters, Status
+    from fedphd.common.federation.validation import describe_failure
+    from fedphd.common.wire.transport import Code, FitRes, GrpcBridgeClosed, Parameters, Status
     from tests.test_strategy import FakeProxy
 
     error = FitRes(Status(Code.FIT_NOT_IMPLEMENTED, "fit failed: boom"),
@@ -412,7 +419,7 @@ def test_a_crashed_flat_cloud_resumes_into_the_model_of_a_run_that_never_stopped
     client 0 replays round 3 from its start, and the final model equals the uninterrupted
     run's bit for bit."""
     settings = ["topology.clients=2", "topology.cloud_rounds=4", "topology.min_fit_clients=2",
-                "topology.cloud_strategy=server.scaffold.Scaffold", "training.local_steps=4",
+                "topology.cloud_strategy=fedphd.server.scaffold.Scaffold", "training.local_steps=4",
                 "codec.downlink=q8", "codec.uplink=q8"]
     config, address = run_config(tmp_path / "straight", *settings)
     straight_cloud = start_flat_run(straight, config, address, tmp_path / "straight-run", 2)
@@ -455,7 +462,7 @@ def test_a_crashed_hierarchical_cloud_resumes_into_the_model_of_a_run_that_never
             "pruning.enabled=true", "pruning.sparse_rounds=1", "codec.downlink=q8",
             "codec.uplink=q8",
             f"topology.edge_base_port={port}",
-            "topology.cloud_strategy=server.fedphd.FedPhD", "topology.fraction_fit=0.4",
+            "topology.cloud_strategy=fedphd.server.fedphd.FedPhD", "topology.fraction_fit=0.4",
             "topology.cloud_strategy_args.selection_scale=720.0",
             "topology.cloud_strategy_args.sh_weight=1800.0", "partition.method=classes",
         )
@@ -546,7 +553,7 @@ def test_grpcs_closed_channel_race_is_not_shown_as_a_traceback():
     exception in a thread still reaches the hook that was there before."""
     import threading
 
-    from common.transport import quiet_closed_channel_watchers
+    from fedphd.common.wire.transport import quiet_closed_channel_watchers
 
     def _poll_connectivity():  # the name of grpc's polling function
         raise ValueError("Cannot monitor channel state: Channel closed!")

@@ -10,7 +10,8 @@ import pytest
 import tomli_w
 from PIL import Image
 
-from common.report import ReportError, load_run, register, write_report
+from fedphd.common.commands.report import register
+from fedphd.common.quality.report import ReportError, load_run, write_report
 
 HIER_LINKS = ("cloud->edge", "edge->cloud", "edge->client", "client->edge")
 FLAT_LINKS = ("cloud->client", "client->cloud")

@@ -6,20 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from client.client import DiffusionClient, local_data
-from client.scaffold import ScaffoldCorrection
-from common import codec
-from common.config import ModelConfig, load_config
-from common.instructions import ARCH_KEY, CONTROL_DELTA_KEY, LOCAL_STEPS_KEY, SERVER_CONTROL_KEY
-from common.models import (
+from fedphd.client.client import DiffusionClient, local_data
+from fedphd.client.scaffold import ScaffoldCorrection, ScaffoldLocal
+from fedphd.common.core.models import (
     architecture_of,
     architecture_to_json,
     build_unet,
     model_to_ndarrays,
     unet_config,
 )
-from common.transport import FitIns, FitRes, ndarrays_to_parameters, ok_status
-from server.scaffold import Scaffold
+from fedphd.common.settings.config import ModelConfig, load_config
+from fedphd.common.wire import codec
+from fedphd.common.wire.keys import ARCH_KEY, CONTROL_DELTA_KEY, LOCAL_STEPS_KEY, SERVER_CONTROL_KEY
+from fedphd.common.wire.transport import FitIns, FitRes, ndarrays_to_parameters, ok_status
+from fedphd.server.scaffold import Scaffold
 from tests.conftest import TESTS_DIR
 from tests.test_strategy import FakeProxy
 
@@ -43,7 +43,7 @@ def test_correction_adds_c_minus_ci_and_averages_the_raw_gradients():
 def test_server_control_moves_by_the_share_of_mean_client_updates():
     strategy = Scaffold(min_fit_clients=1, min_available_clients=1)
     model = [np.zeros((2, 2), np.float32), np.zeros(2, np.float32)]
-    from common.transport import SimpleClientManager
+    from fedphd.common.wire.transport import SimpleClientManager
 
     manager = SimpleClientManager()
     for cid in range(4):
@@ -78,7 +78,8 @@ def test_client_keeps_its_variate_answers_its_change_and_is_corrected():
     client = DiffusionClient(cfg, 0, local_data(cfg, 0), torch.device("cpu"))
     first = fit(client, model, np.zeros(size, np.float32))
     delta = codec.vector_from_bytes(first.metrics[CONTROL_DELTA_KEY], size, "delta")
-    assert np.abs(delta).sum() > 0 and np.allclose(client.scaffold_c, delta)  # c_i: 0 -> c_i+
+    client_c = client.methods[ScaffoldLocal.name].client_c
+    assert np.abs(delta).sum() > 0 and np.allclose(client_c, delta)  # c_i: 0 -> c_i+
     # With c = c_i = 0 the first round is plain training.
     assert all(np.array_equal(a, b) for a, b in zip(
         codec.decode(first.parameters), codec.decode(plain.parameters), strict=True))

@@ -8,17 +8,15 @@ import numpy as np
 import pytest
 from flwr.server.strategy import FedAdam, FedAvg
 
-from common import codec
-from common.config import ConfigError
-from common.strategy import (
-    ARCH_KEY,
-    ROUND_KEY,
-    UPLINK_KEY,
+from fedphd.common.federation.strategy import (
     ManagedStrategy,
     build_strategy,
     client_strategy_defaults,
 )
-from common.transport import (
+from fedphd.common.settings.config import ConfigError
+from fedphd.common.wire import codec
+from fedphd.common.wire.keys import ARCH_KEY, ROUND_KEY, UPLINK_KEY
+from fedphd.common.wire.transport import (
     ClientProxy,
     FitRes,
     GetPropertiesRes,
@@ -91,12 +89,12 @@ def test_aggregation_is_the_inner_strategys_weighted_mean():
     strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)
     a = [np.full((2, 3), 1.0, np.float32), np.full(4, 1.0, np.float32)]
     b = [np.full((2, 3), 4.0, np.float32), np.full(4, 4.0, np.float32)]
-    params, _ = strategy.aggregate_fit(1, [answer(0, a, 10), answer(1, b, 30, "fp16")], [])
-    merged = codec.decode(params)
+    result = strategy.aggregate_round(1, [answer(0, a, 10), answer(1, b, 30, "fp16")], [])
+    merged = codec.decode(result.parameters)
     assert np.allclose(merged[0], 3.25) and np.allclose(merged[1], 3.25)
-    assert strategy.last_round.num_examples == 40
-    assert strategy.last_round.label_hist == [40, 0]
-    assert sorted(strategy.last_round.senders) == ["client 0", "client 1"]
+    assert result.summary.num_examples == 40
+    assert result.summary.label_hist == [40, 0]
+    assert sorted(result.summary.senders) == ["client 0", "client 1"]
 
 
 @pytest.mark.parametrize(
@@ -113,9 +111,9 @@ def test_bad_updates_are_dropped_with_the_sender_named(bad, reason, caplog):
     manager.register(FakeProxy("7"))
     strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)
     good = [np.full((2, 3), 2.0, np.float32), np.full(4, 2.0, np.float32)]
-    params, _ = strategy.aggregate_fit(1, [answer(0, good), answer(7, bad)], [])
-    assert np.allclose(codec.decode(params)[0], 2.0)  # the attacker had no effect
-    assert reason in strategy.last_round.rejected["client 7"]
+    result = strategy.aggregate_round(1, [answer(0, good), answer(7, bad)], [])
+    assert np.allclose(codec.decode(result.parameters)[0], 2.0)  # the attacker had no effect
+    assert reason in result.summary.rejected["client 7"]
     assert "client 7" in caplog.text
 
 
@@ -127,9 +125,9 @@ def test_receivers_digest_of_the_rebuilt_model_is_checked():
     honest[1].metrics["received_digest"] = codec.digest(received)
     received[0] = received[0] + 1e-3
     corrupted[1].metrics["received_digest"] = codec.digest(received)
-    strategy.aggregate_fit(1, [honest, corrupted, answer(2, MODEL)], [])
-    assert strategy.last_round.digests_checked == 2
-    assert strategy.last_round.digest_mismatches == ["client 1"]
+    summary = strategy.aggregate_round(1, [honest, corrupted, answer(2, MODEL)], []).summary
+    assert summary.digests_checked == 2
+    assert summary.digest_mismatches == ["client 1"]
 
 
 def test_unknown_codec_is_rejected():
@@ -137,9 +135,9 @@ def test_unknown_codec_is_rejected():
     strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)
     proxy, res = answer(2, MODEL)
     res.parameters.tensor_type = "zip-bomb"
-    params, _ = strategy.aggregate_fit(1, [(proxy, res)], [])
-    assert params is None
-    assert "unknown tensor type" in strategy.last_round.rejected["client 2"]
+    result = strategy.aggregate_round(1, [(proxy, res)], [])
+    assert result.parameters is None
+    assert "unknown tensor type" in result.summary.rejected["client 2"]
 
 
 def test_float64_results_of_the_inner_strategy_are_cast_back():
@@ -164,7 +162,8 @@ def test_build_strategy_errors_name_the_field():
 
 
 def test_quantised_downlink_sends_updates_from_what_each_receiver_holds():
-    from common.strategy import BASE_DIGEST_KEY, HeldModel
+    from fedphd.common.federation.held import HeldModel
+    from fedphd.common.wire.keys import BASE_DIGEST_KEY
 
     rng = np.random.default_rng(0)
     model = [rng.normal(size=(64, 64, 3, 3)).astype(np.float32), np.zeros(64, np.float32)]
@@ -179,19 +178,19 @@ def test_quantised_downlink_sends_updates_from_what_each_receiver_holds():
                                                manager)
         arrays = receiver.decode(ins.parameters, ins.config)
         metrics = {"client_id": 0, "received_digest": receiver.keep(arrays)}
-        strategy.aggregate_fit(server_round, [(proxy, FitRes(ok_status(), codec.encode(
+        result = strategy.aggregate_round(server_round, [(proxy, FitRes(ok_status(), codec.encode(
             arrays, "fp32"), 1, metrics))], [])
-        return ins, arrays
+        return ins, arrays, result.summary
 
-    first, got = exchange(model, 1)
+    first, got, _ = exchange(model, 1)
     assert BASE_DIGEST_KEY not in first.config  # nothing held yet: full weights
     assert all(np.array_equal(a, b) for a, b in zip(got, model, strict=True))
     moved = [m + 0.01 for m in model]
-    second, got = exchange(moved, 2)
+    second, got, summary = exchange(moved, 2)
     assert second.config[BASE_DIGEST_KEY] == codec.digest(model)
     assert codec.payload_bytes(second.parameters) < 0.3 * codec.payload_bytes(first.parameters)
     assert np.max(np.abs(got[0] - moved[0])) < 1e-3  # within one 8-bit step of the update
-    assert strategy.last_round.digest_mismatches == []
+    assert summary.digest_mismatches == []
     # A receiver that does not hold the base refuses the update instead of corrupting itself.
     with pytest.raises(ValueError, match="does not hold"):
         HeldModel().decode(second.parameters, second.config)

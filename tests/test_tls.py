@@ -16,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, TlsConfig, load_config
-from common.tls import client_root_certificates, server_certificates, with_run_certificates
+from fedphd.common.settings.config import ConfigError, TlsConfig, load_config
+from fedphd.common.wire.tls import (
+    client_root_certificates,
+    server_certificates,
+    with_run_certificates,
+)
 from tests.conftest import fedphd, port_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +199,8 @@ def test_a_tls_server_refuses_plaintext_and_foreign_ca_clients_with_clear_errors
     address = f"127.0.0.1:{ports['cloud']}"
     with (tmp_path / "cloud.log").open("wb") as sink:
         cloud = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "cloud", "--out", str(tmp_path / "cloud"),
+            [sys.executable, "-m", "fedphd.common.commands.cli", "cloud",
+             "--out", str(tmp_path / "cloud"),
              *port_overrides(ports), *tls_overrides(script_certs),
              "--set", "topology.connect_timeout=300"],
             stdout=sink, stderr=subprocess.STDOUT,

@@ -1,0 +1,89 @@
+"""The ``fedphd`` command line: one program, one sub-command per job.
+
+Sub-commands are found through the ``fedphd.commands`` entry points declared in
+pyproject.toml, so this module never imports a role package (cloud, edge, client) itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib.metadata import PackageNotFoundError, entry_points, version
+
+from fedphd.common.settings.config import ConfigError, RunConfig, load_config
+
+COMMAND_GROUP = "fedphd.commands"
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The options every sub-command shares: one TOML file plus overrides."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML run configuration (default: the packaged offline default: digits, "
+        "tiny U-Net, 1 cloud, 2 edges, 4 clients)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set topology.clients=8 (repeatable; values "
+        "are read as TOML: numbers, true/false, [lists], \"strings\")",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, args.overrides)
+
+
+def installed_version() -> str:
+    try:
+        return version("fedphd")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedphd",
+        description="Federated training of diffusion U-Nets across cloud, edge and client "
+        "processes over Flower's gRPC transport.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"fedphd {installed_version()}",
+                        help="print the installed version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        entry.load()(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from fedphd.common.data.datasets import (
+        DatasetNotFoundError,  # heavy (torch): only once a command runs
+    )
+
+    try:
+        return int(args.run(args) or 0)
+    except (ConfigError, DatasetNotFoundError) as error:
+        print(f"fedphd {args.command}: {error}", file=sys.stderr)
+        return 2
+    except ConnectionError as error:
+        print(f"fedphd {args.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fedphd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

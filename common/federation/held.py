@@ -1,0 +1,76 @@
+"""Models a peer holds, on both ends of a link: a receiver keeps the last model it was sent
+(the base of quantised downlinks) and encodes its answer against it; a server remembers what each
+receiver rebuilt, with its digest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedphd.common.wire import codec
+from fedphd.common.wire.keys import (
+    BASE_DIGEST_KEY,
+    ERROR_FEEDBACK_KEY,
+    PER_CHANNEL_KEY,
+    UPLINK_KEY,
+)
+from fedphd.common.wire.quantization import ErrorFeedback
+from fedphd.common.wire.transport import (
+    Parameters,
+    Scalar,
+)
+
+
+class HeldModel:
+    """A receiver's copy of the last model it was sent: the base of quantised downlinks."""
+
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray] | None = None
+        self.digest = ""
+
+    def decode(self, parameters: Parameters, config: dict[str, Scalar]) -> list[np.ndarray]:
+        """Decode an instruction's weights; an update must be from the model held here."""
+        base_digest = config.get(BASE_DIGEST_KEY)
+        if base_digest is None:
+            return codec.decode(parameters)
+        if self.arrays is None or base_digest != self.digest:
+            raise ValueError("the server sent an update from a model this receiver does not hold")
+        return codec.decode(parameters, reference=self.arrays)
+
+    def keep(self, arrays: list[np.ndarray]) -> str:
+        """Remember ``arrays`` (as loaded) and return their digest."""
+        self.arrays, self.digest = arrays, codec.digest(arrays)
+        return self.digest
+
+
+def encode_reply(
+    arrays: list[np.ndarray],
+    reference: list[np.ndarray],
+    config: dict[str, Scalar],
+    feedback: ErrorFeedback,
+    rng: np.random.Generator,
+) -> Parameters:
+    """Encode an answer with the uplink codec the instruction names (update vs ``reference``,
+    the model the sender received, for the quantised codecs)."""
+    use_feedback = bool(config.get(ERROR_FEEDBACK_KEY, True))
+    return codec.encode(
+        arrays,
+        str(config.get(UPLINK_KEY, "fp32")),
+        reference=reference,
+        per_channel=bool(config.get(PER_CHANNEL_KEY, True)),
+        rng=rng,
+        feedback=feedback if use_feedback else None,
+    )
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A model as a receiver rebuilds it from a payload, with its digest (computed once)."""
+
+    arrays: list[np.ndarray]
+    digest: str
+
+    @classmethod
+    def of(cls, arrays: list[np.ndarray]) -> Rebuilt:
+        return cls(arrays, codec.digest(arrays))

@@ -1,0 +1,125 @@
+"""One metered Flower round, as both the cloud and an edge drive it, and its record.
+
+The driver takes Flower's steps itself (``configure_fit``, Flower's ``fit_clients``,
+``aggregate_round``) instead of ``Server.fit_round``, so the round's summary comes back as a
+value with the aggregate rather than being read back from the strategy afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedphd.common.federation.strategy import (
+    EvaluationResult,
+    ManagedStrategy,
+    evaluation_results,
+)
+from fedphd.common.federation.summary import RoundSummary
+from fedphd.common.wire.transport import (
+    Server,
+    Traffic,
+    TrafficMeter,
+    evaluate_clients,
+    fit_clients,
+)
+
+log = logging.getLogger("fedphd.rounds")
+
+
+@dataclass
+class RoundOutcome:
+    """The summary of a round and the bytes its messages took on this server's link."""
+
+    summary: RoundSummary
+    traffic: Traffic
+    seconds: float
+    updated: bool
+    strategy_metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationOutcome:
+    """An evaluation round at the clients: each one's result, the failures, the bytes."""
+
+    results: list[EvaluationResult]
+    failures: int
+    traffic: Traffic
+
+
+def run_fit_round(
+    server: Server, strategy: ManagedStrategy, meter: TrafficMeter, server_round: int,
+    timeout: float,
+) -> RoundOutcome:
+    """One fit round; the global model changes only when an aggregate came back."""
+    start = time.perf_counter()
+    manager = server.client_manager()
+    instructions = strategy.configure_fit(server_round, server.parameters, manager)
+    if not instructions:
+        log.info("round %d: the strategy selected no peer", server_round)
+        return RoundOutcome(RoundSummary(), meter.take(), time.perf_counter() - start, False)
+    log.info("round %d: %d of %d peers selected", server_round, len(instructions),
+             manager.num_available())
+    results, failures = fit_clients(instructions, max_workers=server.max_workers,
+                                    timeout=timeout, group_id=server_round)
+    aggregate = strategy.aggregate_round(server_round, results, failures)
+    if aggregate.parameters is not None:
+        server.parameters = aggregate.parameters
+    return RoundOutcome(
+        summary=aggregate.summary,
+        traffic=meter.take(),
+        seconds=time.perf_counter() - start,
+        updated=aggregate.parameters is not None,
+        strategy_metrics=dict(aggregate.metrics),
+    )
+
+
+def run_evaluate_round(
+    server: Server, strategy: ManagedStrategy, meter: TrafficMeter, server_round: int,
+    timeout: float,
+) -> EvaluationOutcome | None:
+    """Flower's evaluate round at the clients (None when the strategy asks nobody, e.g. with
+    the drivers' default ``fraction_evaluate = 0``)."""
+    meter.take()  # what came before is not this round's
+    instructions = strategy.configure_evaluate(server_round, server.parameters,
+                                               server.client_manager())
+    if not instructions:
+        return None
+    results, failures = evaluate_clients(instructions, max_workers=server.max_workers,
+                                         timeout=timeout, group_id=server_round)
+    strategy.aggregate_evaluate(server_round, results, failures)
+    return EvaluationOutcome(evaluation_results(results), len(failures), meter.take())
+
+
+def round_record(
+    tier: str, server_round: int, outcome: RoundOutcome, bytes_per_link: dict[str, int],
+    peers_key: str, reported_key: str, **extra: Any,
+) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of one fit round, for the cloud and every edge alike.
+
+    ``peers_key`` names the list of who answered (``participants`` at the cloud, ``clients``
+    at an edge), ``reported_key`` the sizes the senders measured on their side; ``extra``
+    holds what only one tier knows (placed after ``tier``, like the edge's id)."""
+    summary = outcome.summary
+    return {
+        "tier": tier,
+        **extra,
+        "round": server_round,
+        "loss": summary.loss,
+        "num_examples": summary.num_examples,
+        peers_key: summary.senders,
+        "failures": summary.failures,
+        "rejected": summary.rejected,
+        "seconds": round(outcome.seconds, 3),
+        "bytes": bytes_per_link,
+        # Properties and reconnect orders on this server's link, not in "bytes".
+        "control_bytes": outcome.traffic.control,
+        "digests_checked": summary.digests_checked,
+        "digest_mismatches": summary.digest_mismatches,
+        reported_key: {
+            "received": summary.reported_received,
+            "payload": summary.reported_payload,
+        },
+    }

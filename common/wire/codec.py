@@ -1,0 +1,176 @@
+"""Encoding of model tensors for the wire, chosen per link direction.
+
+Every codec turns a list of float32 arrays into Flower ``Parameters`` and back. The codec's
+name travels as ``Parameters.tensor_type`` so the receiver decodes what was actually sent and
+refuses anything it does not know. Tensors are serialised by Flower's
+``ndarrays_to_parameters`` (``np.save`` with ``allow_pickle=False``): no pickle on the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+
+from fedphd.common.wire.quantization import ErrorFeedback, dequantize_all, quantize_all
+from fedphd.common.wire.transport import Parameters, ndarrays_to_parameters
+
+FP32 = "numpy.ndarray"  # Flower's own tensor type name, so plain Flower peers understand it
+FP16 = "fedphd.fp16"
+Q8 = "fedphd.q8-delta"
+Q4 = "fedphd.q4-delta"
+
+_TENSOR_TYPES = {"fp32": FP32, "fp16": FP16, "q8": Q8, "q4": Q4}
+_BITS = {Q8: 8, Q4: 4}
+
+
+class CodecError(ValueError):
+    """A payload that cannot be decoded (unknown codec, malformed tensor)."""
+
+
+def encode(
+    arrays: list[np.ndarray],
+    codec: str,
+    *,
+    reference: list[np.ndarray] | None = None,
+    per_channel: bool = True,
+    rng: np.random.Generator | None = None,
+    feedback: ErrorFeedback | None = None,
+) -> Parameters:
+    """Encode float32 state tensors with ``codec``.
+
+    ``fp32`` and ``fp16`` send the weights. ``q8`` and ``q4`` (FedDM-quant) send the update
+    ``Δ = w - reference`` quantised to 8 or 4 bits with stochastic (unbiased) rounding, per
+    output channel or per tensor; the receiver holds ``reference`` (the model it sent) and
+    rebuilds ``w = reference + Q(Δ)``. With ``feedback`` (error feedback), what quantisation
+    dropped this round is added to the next round's update.
+    """
+    if codec not in _TENSOR_TYPES:
+        raise CodecError(f"unknown codec {codec!r}; allowed: {sorted(_TENSOR_TYPES)}")
+    tensor_type = _TENSOR_TYPES[codec]
+    if tensor_type in _BITS:
+        if reference is None:
+            raise CodecError(f"codec {codec!r} encodes updates and needs the reference model")
+        deltas = _deltas(arrays, reference)
+        rng = rng if rng is not None else np.random.default_rng()
+        bits = _BITS[tensor_type]
+        arrays = (
+            feedback.quantize(deltas, bits, per_channel=per_channel, rng=rng)
+            if feedback is not None
+            else quantize_all(deltas, bits, per_channel, rng)
+        )
+    elif codec == "fp16":
+        arrays = [a.astype(np.float16) if a.dtype == np.float32 else a for a in arrays]
+    parameters = ndarrays_to_parameters(arrays)
+    parameters.tensor_type = tensor_type
+    return parameters
+
+
+def decode(parameters: Parameters, reference: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Decode a payload made by :func:`encode` into float32 arrays (ints stay ints).
+
+    Quantised updates need ``reference``, the model the sender started from.
+    """
+    if parameters.tensor_type not in _TENSOR_TYPES.values():
+        raise CodecError(
+            f"unknown tensor type {parameters.tensor_type!r}; "
+            f"allowed: {sorted(_TENSOR_TYPES.values())}"
+        )
+    arrays = [load_tensor(index, blob) for index, blob in enumerate(parameters.tensors)]
+    if parameters.tensor_type in _BITS:
+        if reference is None:
+            raise CodecError(f"{parameters.tensor_type} carries an update: no reference model")
+        try:
+            deltas = dequantize_all(arrays)
+        except ValueError as error:
+            raise CodecError(f"malformed quantised update: {error}") from None
+        return _apply(reference, deltas)
+    return [a.astype(np.float32) if a.dtype == np.float16 else a for a in arrays]
+
+
+def load_tensor(index: int, blob: bytes) -> np.ndarray:
+    """One ``np.save`` tensor from the wire, refused unless its header is plain and honest.
+
+    The header is read first so that a sender cannot make the receiver allocate what its
+    header claims (``np.load`` allocates the declared shape before reading the data) or hand
+    it pickled objects: the declared size must equal the bytes that follow.
+    """
+    stream = io.BytesIO(blob)
+    try:
+        version = np.lib.format.read_magic(stream)
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = reader(stream)
+    except (ValueError, EOFError, OSError, SyntaxError, TypeError) as error:
+        raise CodecError(f"malformed tensor {index}: not an npy tensor ({error})") from None
+    if dtype.hasobject:
+        raise CodecError(f"malformed tensor {index}: object (pickled) arrays are refused")
+    declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    carried = len(blob) - stream.tell()
+    if declared != carried:
+        raise CodecError(f"malformed tensor {index}: header declares {dtype}{tuple(shape)} = "
+                         f"{declared} bytes but {carried} bytes follow (truncated or padded "
+                         "payload)")
+    try:
+        return np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        raise CodecError(f"malformed tensor {index}: {error}") from None
+
+
+def is_update_codec(codec: str) -> bool:
+    """Codecs that send ``w - reference`` and need the receiver to hold ``reference``."""
+    return _TENSOR_TYPES.get(codec) in _BITS
+
+
+def _deltas(arrays: list[np.ndarray], reference: list[np.ndarray]) -> list[np.ndarray]:
+    if len(arrays) != len(reference):
+        raise CodecError(f"{len(arrays)} tensors but a {len(reference)}-tensor reference")
+    # Integer buffers are not updates: they travel as they are (quantize passes ints through).
+    return [a - r if a.dtype.kind == "f" else a for a, r in zip(arrays, reference, strict=True)]
+
+
+def _apply(reference: list[np.ndarray], deltas: list[np.ndarray]) -> list[np.ndarray]:
+    if len(deltas) != len(reference):
+        raise CodecError(f"update has {len(deltas)} tensors, the model {len(reference)}")
+    out = []
+    for index, (ref, delta) in enumerate(zip(reference, deltas, strict=True)):
+        if delta.shape != ref.shape:
+            raise CodecError(f"update tensor {index} has shape {delta.shape}, model {ref.shape}")
+        out.append((ref + delta).astype(ref.dtype) if ref.dtype.kind == "f" else delta)
+    return out
+
+
+def vector_to_bytes(vector: np.ndarray) -> bytes:
+    """A float32 vector (e.g. a control variate) as ``np.save`` bytes for a config value."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def vector_from_bytes(blob: bytes, size: int, what: str) -> np.ndarray:
+    """A vector from the wire, refused unless it is finite float32 of length ``size``."""
+    try:
+        vector = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        raise ValueError(f"{what}: malformed vector: {error}") from None
+    if vector.dtype != np.float32 or vector.shape != (size,):
+        raise ValueError(f"{what}: expected float32[{size}], got {vector.dtype}{vector.shape}")
+    if not np.isfinite(vector).all():
+        raise ValueError(f"{what}: vector holds NaN or Inf")
+    return vector
+
+
+def digest(arrays: list[np.ndarray]) -> str:
+    """SHA-256 of a model state (dtypes, shapes and values): equal digests = same model."""
+    sha = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        sha.update(f"{array.dtype.str}{array.shape}".encode())
+        sha.update(array.tobytes())
+    return sha.hexdigest()
+
+
+def payload_bytes(parameters: Parameters) -> int:
+    """Bytes of tensor data in a payload (what the codec shrinks)."""
+    return sum(len(t) for t in parameters.tensors)

@@ -1,0 +1,80 @@
+"""Resource limits of a run: the gRPC message size every link allows, and process memory.
+
+Flower's default gRPC limit (512 MB, 2 GiB here before) lets any peer make a server buffer
+a message far larger than any honest one. Every honest message carries at most one model
+(fp32, the largest codec) plus, for SCAFFOLD, a control variate of the same size, plus small
+instructions and metrics; so the limit is derived from the configured model's size, and the
+same config gives every process the same limit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from fedphd.common.core.models import build_model, unet_config
+from fedphd.common.settings.config import RunConfig
+
+# Instructions, metrics (an edge's per-round log), protobuf framing.
+MESSAGE_MARGIN_BYTES = 32 * 2**20
+# gRPC's own ceiling: lengths are signed 32-bit.
+GRPC_CEILING_BYTES = 2**31 - 1
+MODELS_PER_MESSAGE = 2  # weights + a same-sized SCAFFOLD control variate
+
+
+def model_bytes(cfg: RunConfig) -> int:
+    """fp32 bytes of the configured U-Net's state (built on the meta device: no memory,
+    no initialisation). Pruning only shrinks a model, so this bounds every later one."""
+    with torch.device("meta"):
+        model = build_model(unet_config(cfg.model))
+    return sum(t.numel() * 4 for t in model.state_dict().values())
+
+
+def max_message_bytes(cfg: RunConfig) -> int:
+    """The gRPC message limit of every server and client of the run.
+
+    ``topology.max_message_mb`` when set, else ``2 × model + 32 MiB``."""
+    configured = cfg.topology.max_message_mb
+    if configured is not None:
+        limit = int(configured * 2**20)
+    else:
+        limit = MODELS_PER_MESSAGE * model_bytes(cfg) + MESSAGE_MARGIN_BYTES
+    return min(limit, GRPC_CEILING_BYTES)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process (``VmRSS`` from ``/proc``; 0 where there is no /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``).
+
+    Each round frees several model-sized buffers, allocated by the worker threads Flower
+    starts per round; glibc keeps such memory in its heaps, so without a trim the resident
+    size creeps up round after round although nothing is leaked. No-op without glibc.
+    """
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)

@@ -1,0 +1,36 @@
+"""The cloud's ``metrics.jsonl``: one JSON line per round, per edge round, per evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Append-only JSON lines, flushed per line so a watcher (the launcher) sees progress."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def offset(self) -> int:
+        """Bytes written so far (a resumed run cuts the lines of an unfinished round)."""
+        return self._file.tell()
+
+    @staticmethod
+    def truncate(path: Path, offset: int) -> None:
+        """Drop what was written after ``offset``: the lines of rounds a resumed run redoes."""
+        if path.exists() and path.stat().st_size > offset:
+            with path.open("r+b") as handle:
+                handle.truncate(offset)
+
+    def close(self) -> None:
+        self._file.close()
