@@ -4,7 +4,7 @@ In sparse rounds the cloud sends ``lambda`` (``pruning.group_lasso``) with the i
 every client minimises ``L(w) = L_ddpm(w) + lambda * sum_W sum_c ||W[c]||_2`` (group lasso over
 output channels, see :func:`group_lasso_penalty`), which drives whole channels towards zero so
 the cloud's magnitude pruning removes them at little cost. The server side is the cloud's
-pruning schedule (``fedphd.server.cloud``), which puts ``lambda`` into its instructions in
+pruning schedule (``fedphd.server.fedphd_pruning``), which puts ``lambda`` into its instructions in
 sparse rounds; edges forward it to their clients.
 """
 

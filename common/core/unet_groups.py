@@ -1,6 +1,6 @@
 """The U-Net's parameter groups, for methods that share only parts of the model (FedDiffuse).
 
-A ``diffusers.UNet2DModel`` state splits into three groups (DESIGN.md §5):
+A ``diffusers.UNet2DModel`` state splits into three groups (FedDiffuse's, docs/methods.md):
 
 * ``down``: the input convolution, the time embedding and the down blocks (the encoder);
 * ``mid``: the bottleneck block;
