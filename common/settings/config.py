@@ -130,6 +130,14 @@ class TopologyConfig(_Section):
     edge_base_port: int = Field(9100, ge=1, le=65535, description="edge i listens on base + i")
     round_timeout: float = Field(600.0, gt=0.0, description="seconds a server waits for answers")
     connect_timeout: float = Field(120.0, gt=0.0, description="seconds to wait for peers")
+    min_clients_per_edge: int = Field(
+        1, ge=0, description="client-to-edge selection keeps at least this many clients on "
+        "every live edge"
+    )
+    max_examples_factor: float = Field(
+        10.0, gt=0.0, description="an answer counts at most this x the round's median sample "
+        "count (larger claims are clipped, and recorded)"
+    )
     max_message_mb: float | None = Field(
         None, gt=0.0, le=2048.0, description="gRPC message limit of every link in MiB "
         "(unset = auto: 2 x the model's fp32 size + 32 MiB)"
@@ -234,13 +242,27 @@ class TlsConfig(_Section):
         "addresses peers dial"
     )
     server_key: str | None = Field(None, description="PEM private key of server_cert")
+    client_cert: str | None = Field(
+        None, description="PEM certificate naming this peer (CN client-N or edge-N), signed by "
+        "ca_cert: clients, and edges towards the cloud, present it to their server"
+    )
+    client_key: str | None = Field(None, description="PEM private key of client_cert")
+    require_client_auth: bool | None = Field(
+        None, description="servers (cloud, edges) refuse peers without a certificate signed by "
+        "ca_cert (unset = on whenever certificates are configured)"
+    )
+    deny: list[str] = Field(
+        default_factory=list, description="revoked peers: identities (\"client-3\", "
+        "\"edge-1\") or SHA-256 fingerprints of their certificates; servers refuse them"
+    )
     insecure: bool = Field(
         False, description="plaintext gRPC, no certificates: only when asked for explicitly"
     )
 
     @model_validator(mode="after")
     def _certificates_or_plaintext(self) -> TlsConfig:
-        certificates = [k for k in ("ca_cert", "server_cert", "server_key") if getattr(self, k)]
+        keys = ("ca_cert", "server_cert", "server_key", "client_cert", "client_key")
+        certificates = [k for k in keys if getattr(self, k)]
         if self.insecure and certificates:
             raise ValueError(
                 f"insecure = true (plaintext) contradicts {', '.join(certificates)} (TLS): "
@@ -248,6 +270,8 @@ class TlsConfig(_Section):
             )
         if bool(self.server_cert) != bool(self.server_key):
             raise ValueError("server_cert and server_key go together: set both or neither")
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError("client_cert and client_key go together: set both or neither")
         return self
 
 

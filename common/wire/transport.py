@@ -93,6 +93,7 @@ __all__ = [
     "Parameters",
     "Scalar",
     "Server",
+    "PeerIdentity",
     "ServerUnreachable",
     "SimpleClientManager",
     "Status",
@@ -107,6 +108,7 @@ __all__ = [
     "ok_status",
     "ndarrays_to_parameters",
     "parameters_to_ndarrays",
+    "peer_identity",
     "start_flower_server",
     "wait_for_clients",
 ]
@@ -192,6 +194,31 @@ class _MeteredBridge(GrpcBridge):
         res_wrapper = super().request(ins_wrapper)
         self._meter.record(up=res_wrapper.client_message.ByteSize())
         return res_wrapper
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who a connected peer is, as its server established it when it joined.
+
+    ``certified``: taken from the peer's certificate (mutual TLS), not only from its word.
+    ``declared_examples``: the total of the label histogram it declared when it joined (None
+    when it declared none); its answers may not claim more samples than that.
+    """
+
+    kind: str  # "client" | "edge"
+    number: int
+    certified: bool = False
+    declared_examples: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.number}"
+
+
+def peer_identity(proxy: ClientProxy) -> PeerIdentity | None:
+    """The identity the server established for ``proxy`` (None: not established, e.g. a
+    peer that declared nothing on a link without client certificates)."""
+    return getattr(proxy, "peer_identity", None)
 
 
 def fit_ins_wire_size(ins: FitIns) -> int:
