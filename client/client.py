@@ -45,11 +45,11 @@ from fedphd.common.core.unet_groups import (
     select,
     tensor_names,
 )
-from fedphd.common.data.datasets import load_dataset
+from fedphd.common.data.datasets import DatasetNotFoundError, load_dataset
 from fedphd.common.data.partition import label_histogram, partition
 from fedphd.common.settings.config import ConfigError, RunConfig
 from fedphd.common.settings.runtime import seed_everything, setup_torch
-from fedphd.common.settings.topology import server_address_of_client
+from fedphd.common.settings.topology import parse_addresses, server_address_of_client
 from fedphd.common.wire import codec
 from fedphd.common.wire.keys import (
     ARCH_KEY,
@@ -71,7 +71,7 @@ from fedphd.common.wire.keys import (
     TRAIN_SECONDS_METRIC,
 )
 from fedphd.common.wire.limits import max_message_bytes
-from fedphd.common.wire.tls import client_root_certificates, describe_tls
+from fedphd.common.wire.tls import client_certificate, client_root_certificates, describe_tls
 from fedphd.common.wire.transport import (
     Client,
     Code,
@@ -109,7 +109,11 @@ def local_data(cfg: RunConfig, client_id: int, data_dir: str | None = None) -> L
     arch = unet_config(cfg.model)
     if data_dir is not None:
         own = cfg.data.model_copy(update={"dataset": "imagefolder", "root": data_dir})
-        images = load_dataset(own, arch["sample_size"], arch["in_channels"])
+        try:
+            images = load_dataset(own, arch["sample_size"], arch["in_channels"])
+        except DatasetNotFoundError as error:
+            # The user gave a folder, not data.root: name the flag they typed.
+            raise DatasetNotFoundError(f"--data-dir {data_dir}: {error}") from None
         indices = np.arange(len(images))
         return LocalData(images, label_histogram(images.labels, indices, images.num_classes))
     if not 0 <= client_id < cfg.topology.clients:
@@ -189,6 +193,11 @@ class DiffusionClient(Client):
     def fit(self, ins: FitIns) -> FitRes:
         try:
             return self._fit(ins)
+        except DatasetNotFoundError as error:
+            # Its data, not a bug (a file read at first use): one line naming the file, here
+            # and in the answer, which the server logs under this client's name.
+            log.error("client %d: %s", self.client_id, error)
+            return failed_fit(self.client_id, error)
         except Exception as error:  # noqa: BLE001 - report to the server instead of dying
             log.exception("client %d: fit failed", self.client_id)
             return failed_fit(self.client_id, error)
@@ -316,12 +325,14 @@ def default_state_dir(cfg: RunConfig, client_id: int) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    # Before anything loads: a bad --server costs one line, not a data set load.
+    addresses = server_addresses(args.server) or [
+        server_address_of_client(args.client_id, cfg.topology)]
     root_certificates = client_root_certificates(cfg.tls)  # a missing file fails at start
+    own_certificate = client_certificate(cfg.tls, "client", args.client_id, "--client-id")
     seed_everything(cfg.seed + args.client_id)
     device = setup_torch(cfg.training, args.device)
     data = local_data(cfg, args.client_id, args.data_dir)
-    addresses = server_addresses(args.server) or [
-        server_address_of_client(args.client_id, cfg.topology)]
     log.info(
         "client %d: %d images, labels %s, connecting to %s (%s)",
         args.client_id, len(data.dataset), data.label_hist, addresses[0], describe_tls(cfg.tls),
@@ -329,21 +340,23 @@ def run(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else None
     client = DiffusionClient(cfg, args.client_id, data, device, state_dir)
     serve(client, addresses, cfg.topology.connect_timeout, max_message_bytes(cfg),
-          root_certificates)
+          root_certificates, own_certificate)
     log.info("client %d: disconnected by the server, exiting", args.client_id)
     return 0
 
 
 def serve(client: DiffusionClient, addresses: list[str], wait: float, message_limit: int,
-          root_certificates: bytes | None) -> None:
+          root_certificates: bytes | None,
+          own_certificate: tuple[bytes, bytes] | None = None) -> None:
     """Answer servers until one disconnects this client for good: a server that re-assigns
     it (``MOVE_KEY``) is followed to its new address; an unreachable one is replaced by the
-    next address of the list."""
+    next address of the list. ``own_certificate``: what it presents to each (mutual TLS)."""
     address, given_up = addresses[0], 0
     while True:
         try:
             connect_client(address, client, max_wait_time=wait, max_message_length=message_limit,
-                           root_certificates=root_certificates)
+                           root_certificates=root_certificates,
+                           client_certificate=own_certificate)
         except ServerUnreachable:
             # Every address given up on in a row: nothing left to try.
             given_up += 1
@@ -360,8 +373,12 @@ def serve(client: DiffusionClient, addresses: list[str], wait: float, message_li
 
 
 def server_addresses(option: str | None) -> list[str]:
-    """``--server A,B,...``: the server to join, then fallbacks in order."""
-    return [part.strip() for part in (option or "").split(",") if part.strip()]
+    """``--server A,B,...``: the server to join, then fallbacks in order; none when the flag
+    is absent (the config's address applies). A flag that names no address (``--server
+    ,,,``) is refused rather than replaced by the default: the user meant some server."""
+    if option is None:
+        return []
+    return parse_addresses(option, "--server")
 
 
 def fallback_after(address: str, addresses: list[str]) -> str:
@@ -386,7 +403,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="address of the edge (or cloud) to join (default: from the config's topology); "
         "further addresses are fallbacks: when a server stays unreachable for "
         "topology.connect_timeout seconds, the client joins the next one (e.g. another edge "
-        "when its own is gone for good)",
+        "when its own is gone for good). Checked before anything loads: HOST:PORT or "
+        "[IPV6]:PORT, no scheme; a list naming no address is refused",
     )
     parser.add_argument(
         "--client-id",

@@ -56,7 +56,13 @@ from fedphd.common.wire.keys import (
     ROUND_KEY,
 )
 from fedphd.common.wire.limits import max_message_bytes
-from fedphd.common.wire.tls import client_root_certificates, describe_tls, server_certificates
+from fedphd.common.wire.tls import (
+    client_certificate,
+    client_root_certificates,
+    describe_tls,
+    server_admission,
+    server_certificates,
+)
 from fedphd.common.wire.transport import (
     BoundedClientManager,
     Client,
@@ -80,9 +86,14 @@ from fedphd.common.wire.transport import (
     start_flower_server,
 )
 from fedphd.edge.carried import Carried, CloudRoundStart
-from fedphd.edge.clients import EdgeClients
+from fedphd.edge.clients import EdgeClients, NoClients, client_names
 
 log = logging.getLogger("fedphd.edge")
+
+
+class NoAggregate(RuntimeError):  # noqa: N818 - reads as the answer it becomes
+    """No edge round of a cloud round produced an aggregate (every answer failed or was
+    rejected, each already logged in one line): the cloud is told so, without a traceback."""
 
 
 @dataclass
@@ -121,11 +132,12 @@ class EdgeAggregator(Client):
         self.meter = TrafficMeter()
         self.client_manager = BoundedClientManager(cfg.topology.connect_timeout)
         self.clients = EdgeClients(self.client_manager, cfg.topology,
-                                   len(clients_of_edge(edge_id, cfg.topology)))
+                                   clients_of_edge(edge_id, cfg.topology), edge_id)
         self.message_limit = max_message_bytes(cfg)
         self.grpc_server = start_flower_server(listen, self.client_manager, self.meter,
                                                max_message_length=self.message_limit,
-                                               certificates=server_certificates(cfg.tls))
+                                               certificates=server_certificates(cfg.tls),
+                                               admission=server_admission(cfg.tls, "client"))
         self.edge_round = 0
         log.info("edge %d: serving clients on %s (%s, expecting %d)", edge_id, listen,
                  describe_tls(cfg.tls), self.clients.expected)
@@ -148,14 +160,23 @@ class EdgeAggregator(Client):
     def fit(self, ins: FitIns) -> FitRes:
         try:
             return self._fit(ins)
+        except (NoClients, NoAggregate) as error:
+            # Foreseen, not a fault of the edge: one line here and at the cloud, no traceback.
+            log.warning("%s", error)
+            return self._error_answer(str(error))
         except Exception as error:  # noqa: BLE001 - the cloud records it and goes on
             log.exception("edge %d: cloud round failed", self.edge_id)
-            return FitRes(
-                status=Status(code=Code.FIT_NOT_IMPLEMENTED, message=f"edge failed: {error}"),
-                parameters=Parameters(tensors=[], tensor_type=codec.FP32),
-                num_examples=0,
-                metrics={EDGE_ID_METRIC: self.edge_id},
-            )
+            return self._error_answer(f"edge failed: {error}")
+
+    def _error_answer(self, message: str) -> FitRes:
+        """An error-status answer: Flower counts it among the round's failures, the cloud
+        logs its message in one line and aggregates the other edges."""
+        return FitRes(
+            status=Status(code=Code.FIT_NOT_IMPLEMENTED, message=message),
+            parameters=Parameters(tensors=[], tensor_type=codec.FP32),
+            num_examples=0,
+            metrics={EDGE_ID_METRIC: self.edge_id},
+        )
 
     def _fit(self, ins: FitIns) -> FitRes:
         received = fit_ins_wire_size(ins)
@@ -163,16 +184,17 @@ class EdgeAggregator(Client):
         log.info("edge %d: cloud round %d begins", self.edge_id, cloud_round)
         self._begin_cloud_round(cloud_round)
         if ASSIGNMENT_KEY in ins.config:
-            self.clients.apply_assignment(str(ins.config[ASSIGNMENT_KEY]), self.advertise,
-                                          self.edge_id)
+            self.clients.apply_assignment(str(ins.config[ASSIGNMENT_KEY]), self.advertise)
+        # Before anything is built: an edge without clients answers the cloud at once.
+        self.clients.wait()
         global_arrays = self.carried.held.decode(ins.parameters, ins.config)
         received_digest = self.carried.held.keep(global_arrays)
         global_parameters = ndarrays_to_parameters(global_arrays)
         strategy = self._edge_strategy(global_parameters, ins.config, cloud_round)
         rounds = self._run_edge_rounds(strategy, global_parameters, ins.config, cloud_round)
         if rounds.last is None:
-            raise RuntimeError(f"none of the {len(rounds.records)} edge rounds produced an "
-                               "aggregate")
+            raise NoAggregate(f"edge {self.edge_id}: no edge round produced an aggregate "
+                              f"({len(rounds.records)} ran; their failures are logged above)")
         log.info("edge %d: cloud round %d done, loss %s", self.edge_id, cloud_round,
                  rounds.last.loss)
         return self._answer(rounds, global_arrays, ins.config, received, received_digest)
@@ -208,6 +230,7 @@ class EdgeAggregator(Client):
             inner,
             {**client_instruction(self.cfg, arch_json, forwarded), CLOUD_ROUND_KEY: cloud_round},
             self.cfg.codec, held=carried.client_models, link="edge",
+            max_examples_factor=topology.max_examples_factor,
         )
 
     def _run_edge_rounds(
@@ -217,13 +240,15 @@ class EdgeAggregator(Client):
         edge_rounds = int(config.get(EDGE_ROUNDS_KEY, self.cfg.topology.edge_rounds))
         server = new_server(strategy, self.client_manager)
         server.parameters = global_parameters
-        self.clients.wait(self.edge_id)
         rounds = EdgeRounds()
         # Edge rounds are numbered from the cloud round: a restarted edge, or one replaying a
         # cloud round, numbers them as one that never stopped.
         self.edge_round = (cloud_round - 1) * edge_rounds
         try:
-            for _ in range(edge_rounds):
+            for done in range(edge_rounds):
+                if not self.clients.enough():  # all left: Flower's sampling would wait
+                    self._skip_rounds(edge_rounds - done)
+                    break
                 self.edge_round += 1
                 rounds.add(*self._edge_round(server, strategy, cloud_round))
         finally:
@@ -231,6 +256,13 @@ class EdgeAggregator(Client):
             self.carried.client_models = strategy.held_models()
         rounds.parameters = server.parameters
         return rounds
+
+    def _skip_rounds(self, count: int) -> None:
+        missing = set(self.clients.expected_ids) - set(self.clients.learn().values())
+        log.warning("edge %d: %d clients connected (topology.min_fit_clients = %d), %s left: "
+                    "the last %d edge round(s) of this cloud round are skipped", self.edge_id,
+                    self.client_manager.num_available(), self.cfg.topology.min_fit_clients,
+                    client_names(missing), count)
 
     def _edge_round(
         self, server, strategy: ManagedStrategy, cloud_round: int
@@ -282,13 +314,15 @@ def run(args: argparse.Namespace) -> int:
     listen = args.listen or edge_address(args.edge_id, cfg.topology)
     cloud = args.cloud or cloud_address(cfg.topology)
     root_certificates = client_root_certificates(cfg.tls)  # before serving: fail at start
+    own_certificate = client_certificate(cfg.tls, "edge", args.edge_id, "--edge-id")
     edge = EdgeAggregator(cfg, args.edge_id, listen, args.advertise)
     try:
         log.info("edge %d: joining the cloud at %s", args.edge_id, cloud)
         start = time.monotonic()
         connect_client(cloud, edge, max_wait_time=cfg.topology.connect_timeout,
                        max_message_length=edge.message_limit,
-                       root_certificates=root_certificates)
+                       root_certificates=root_certificates,
+                       client_certificate=own_certificate)
         seconds = time.monotonic() - start
         log.info("edge %d: released by the cloud after %.0f s", args.edge_id, seconds)
     finally:

@@ -34,7 +34,7 @@ from fedphd.common.settings.config import RunConfig
 from fedphd.common.settings.runtime import progress_bar, seed_everything, setup_torch
 from fedphd.common.settings.topology import cloud_address, is_flat
 from fedphd.common.wire.limits import max_message_bytes
-from fedphd.common.wire.tls import describe_tls, server_certificates
+from fedphd.common.wire.tls import describe_tls, server_admission, server_certificates
 from fedphd.common.wire.transport import (
     BoundedClientManager,
     TrafficMeter,
@@ -99,7 +99,9 @@ class CloudServer:
         message_limit = max_message_bytes(cfg)
         grpc_server = start_flower_server(self.listen, self.client_manager, self.meter,
                                           max_message_length=message_limit,
-                                          certificates=server_certificates(cfg.tls))
+                                          certificates=server_certificates(cfg.tls),
+                                          admission=server_admission(
+                                              cfg.tls, "client" if self.flat else "edge"))
         log.info(
             "cloud: %d-parameter U-Net, %s on %s (%s, messages up to %.1f MiB), "
             "waiting for %d %s",

@@ -20,6 +20,11 @@ Aggregation, per group ``g`` with ``S_g`` the clients that returned it this roun
 With ``udec``/``ulatdec`` the server holds no usable model of its own (its private groups are
 never trained), so quality is measured at the clients: each evaluates its own model with the
 shared groups of the global one (``evaluate_global_model = False``).
+
+Each round's record (``metrics.jsonl``, the cloud line's ``strategy``) holds
+``groups_averaged`` (per group, how many answers it was averaged over) and, with ``usplit``,
+``groups_trained``: which client trained which groups, by the identity its server
+established (its certificate's, where there is one), else the ``client_id`` it declared.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fedphd.common.core.unet_groups import GROUPS, format_groups, group_indices
+from fedphd.common.federation.validation import sender_name
 from fedphd.common.wire.keys import (
     EVALUATE_KEY,
     RETURN_GROUPS_KEY,
@@ -47,6 +53,7 @@ from fedphd.common.wire.transport import (
     Scalar,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
+    peer_identity,
 )
 
 # mode -> (groups sent, groups trained, groups returned) for every client.
@@ -177,11 +184,19 @@ class FedDiffuse(FedAvg):
         ]
         model, counts = average_groups(self._global, self.names, answers)
         metrics: dict[str, Scalar] = {"groups_averaged": json.dumps(counts)}
+        if self.mode == "usplit":
+            metrics["groups_trained"] = json.dumps(self._trained_by(results))
         if self.fit_metrics_aggregation_fn:
             metrics.update(self.fit_metrics_aggregation_fn(
                 [(res.num_examples, res.metrics) for _, res in results]
             ))
         return ndarrays_to_parameters(model), metrics
+
+    def _trained_by(self, results: list[tuple[ClientProxy, FitRes]]) -> dict[str, list[str]]:
+        """Which client trained which groups this round (the pairing is random: without this
+        a round's record could not say whose update went into which half of the model)."""
+        return {_client_name(proxy, res): list(self._returned[proxy.cid])
+                for proxy, res in results}
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -194,3 +209,10 @@ class FedDiffuse(FedAvg):
                                                  SEND_GROUPS_KEY: format_groups(sent)}))
             for proxy, ins in requests
         ]
+
+
+def _client_name(proxy: ClientProxy, res: FitRes) -> str:
+    """The established identity of the sender ("client 3"); without one (plain links, test
+    fakes) what it declared in its answer, else its connection id."""
+    identity = peer_identity(proxy)
+    return identity.name if identity is not None else sender_name(proxy, res)

@@ -21,6 +21,12 @@ edge every round; a deployed client cannot hop edges every round, so the rule is
 when clients are (re)assigned at cloud-round boundaries, clients taking their turn in a
 seeded random order and each decision seeing the clients placed before it. ``greedy`` takes
 the arg-max instead of sampling; ``static`` keeps the start-up assignment.
+
+No empty edge: the draw alone can leave a live edge without clients (with few clients per
+edge, or a large ``A``, the ``SH`` term pulls complementary clients together), and such an
+edge would have nothing to train. After the draw, clients move from edges holding more than
+``m = topology.min_clients_per_edge`` to edges holding fewer (see :func:`keep_edges_filled`),
+each move the one that costs the draw's objective least.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Literal
 import numpy as np
 
 from fedphd.common.federation.strategy import add_to_config
+from fedphd.common.settings.config import RunConfig
 from fedphd.common.wire.keys import (
     ADDRESS_PROPERTY,
     ASSIGNMENT_KEY,
@@ -90,8 +97,10 @@ def select_edges(
     policy: SelectionPolicy,
     scale: float,
     rng: np.random.Generator,
+    min_per_edge: int = 1,
 ) -> dict[int, str]:
-    """Assign every client to an edge with FedPhD's rule (see the module docstring)."""
+    """Assign every client to an edge with FedPhD's rule (see the module docstring), then
+    keep at least ``min_per_edge`` clients on every edge (:func:`keep_edges_filled`)."""
     if not edges:
         raise ValueError("no edge to assign clients to")
     num_classes = max(len(h) for h in client_hists.values())
@@ -112,15 +121,89 @@ def select_edges(
         assignment[int(client)] = choice
         counts[choice] += hist
         samples[choice] += hist.sum()
-    return assignment
+    return keep_edges_filled(assignment, client_hists, edges, scale, min_per_edge)
+
+
+def keep_edges_filled(
+    assignment: Mapping[int, str],
+    client_hists: Mapping[int, Sequence[int]],
+    edges: Sequence[str],
+    scale: float,
+    minimum: int,
+) -> dict[int, str]:
+    """``assignment`` with at least ``minimum`` clients on every edge, by the cheapest moves.
+
+    The objective the draw pursues, summed over the edges, is
+    ``J = sum_e (A * SH(H_e) - n_e)``, with ``SH(empty) = 0`` (an empty edge contributes
+    nothing). A move keeps ``sum_e n_e`` fixed, so moving client k (histogram ``h_k``) from
+    edge d to edge r costs only homogeneity::
+
+        cost(k, d -> r) = A * (SH(H_d) - SH(H_d - h_k)) + A * (SH(H_r) - SH(H_r + h_k))
+
+    (what d loses without k, minus what r gains with it). Each step makes the cheapest move,
+    ties broken by the lowest client id, then the first receiver in ``edges``, from an edge
+    holding more than the level being filled to one holding fewer. Levels fill in turn
+    (every edge gets 1 client, then 2, ... up to ``minimum``), so with fewer clients than
+    ``len(edges) * minimum`` as many edges as possible get clients (that shortfall is logged
+    once), and no client moves twice: a receiver never holds more than the level it is
+    filled to, so it never donates. No randomness beyond the draw that produced
+    ``assignment``: the same seed gives the same result.
+    """
+    placed = dict(assignment)
+    if len(placed) < len(edges) * minimum:
+        log.warning("%d clients cannot give each of %d live edges topology.min_clients_per_edge "
+                    "= %d: filling as many edges as possible", len(placed), len(edges), minimum)
+    num_classes = max((len(h) for h in client_hists.values()), default=0)
+    hists = {c: np.pad(np.asarray(h, np.float64), (0, num_classes - len(h)))
+             for c, h in client_hists.items()}
+    for level in range(1, minimum + 1):
+        while (move := _cheapest_move(placed, hists, edges, scale, level)) is not None:
+            client, receiver = move
+            log.info("client %d moves from %s to %s, which held fewer than %d (of "
+                     "topology.min_clients_per_edge = %d)", client, placed[client], receiver,
+                     level, minimum)
+            placed[client] = receiver
+    return placed
+
+
+def _homogeneity(counts: np.ndarray) -> float:
+    """``SH`` of an edge's label counts; 0 for an edge without samples (it adds nothing)."""
+    return statistical_homogeneity(counts) if counts.sum() > 0 else 0.0
+
+
+def _cheapest_move(
+    placed: Mapping[int, str], hists: Mapping[int, np.ndarray], edges: Sequence[str],
+    scale: float, level: int,
+) -> tuple[int, str] | None:
+    """``(client, receiver)`` of the cheapest move (see :func:`keep_edges_filled`) from an
+    edge holding more than ``level`` clients to one holding fewer (None: no such pair)."""
+    members = {e: sorted(c for c, at in placed.items() if at == e) for e in edges}
+    receivers = [e for e in edges if len(members[e]) < level]
+    donors = [e for e in edges if len(members[e]) > level]
+    if not receivers or not donors:
+        return None
+    empty = np.zeros_like(next(iter(hists.values())))
+    totals = {e: sum((hists[c] for c in members[e]), empty) for e in edges}
+    candidates = []
+    for donor in donors:
+        for client in members[donor]:
+            lost = _homogeneity(totals[donor]) - _homogeneity(totals[donor] - hists[client])
+            for receiver in receivers:
+                gained = (_homogeneity(totals[receiver] + hists[client])
+                          - _homogeneity(totals[receiver]))
+                candidates.append((scale * (lost - gained), client, edges.index(receiver)))
+    _, client, receiver_index = min(candidates)
+    return client, edges[receiver_index]
 
 
 class FedPhD(FedAvg):
     """FedPhD at the cloud: SH-weighted aggregation of edges, SH-driven client selection.
 
     Parameters beyond ``FedAvg``'s: ``sh_weight`` (a), ``sh_bias`` (b), ``selection``
-    (``fedphd``, ``greedy`` or ``static``), ``selection_scale`` (A), ``selection_seed`` and
-    ``properties_timeout`` (seconds to wait for an edge's client statistics).
+    (``fedphd``, ``greedy`` or ``static``), ``selection_scale`` (A), ``selection_seed``,
+    ``properties_timeout`` (seconds to wait for an edge's client statistics) and
+    ``min_clients_per_edge`` (default: the run's ``topology.min_clients_per_edge``, which the
+    driver passes in ``run_config``; 1 without one).
     """
 
     def __init__(
@@ -132,6 +215,8 @@ class FedPhD(FedAvg):
         selection_scale: float = 10_000.0,
         selection_seed: int = 0,
         properties_timeout: float = 120.0,
+        min_clients_per_edge: int | None = None,
+        run_config: RunConfig | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -143,6 +228,12 @@ class FedPhD(FedAvg):
         self.selection_scale = selection_scale
         self.selection_seed = selection_seed
         self.properties_timeout = properties_timeout
+        if min_clients_per_edge is None:
+            min_clients_per_edge = (run_config.topology.min_clients_per_edge
+                                    if run_config is not None else 1)
+        if min_clients_per_edge < 0:
+            raise ValueError(f"min_clients_per_edge must be >= 0, got {min_clients_per_edge}")
+        self.min_clients_per_edge = min_clients_per_edge
         self.assignment: dict[int, str] = {}
 
     def __repr__(self) -> str:
@@ -177,7 +268,8 @@ class FedPhD(FedAvg):
             return instructions
         rng = np.random.default_rng([self.selection_seed, server_round])
         self.assignment = select_edges(
-            hists, sorted(edges), self.selection, self.selection_scale, rng
+            hists, sorted(edges), self.selection, self.selection_scale, rng,
+            self.min_clients_per_edge,
         )
         mapping = json.dumps({str(c): e for c, e in sorted(self.assignment.items())})
         log.info("round %d: client assignment %s", server_round, mapping)

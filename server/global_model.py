@@ -60,7 +60,8 @@ def cloud_strategy(
             f"directly: set topology.edges = 0 (flat mode), got {topology.edges}"
         )
     return ManagedStrategy.with_codecs(inner, instruction, cfg.codec, held=held,
-                                       names=tensor_names(arch_json))
+                                       names=tensor_names(arch_json),
+                                       max_examples_factor=topology.max_examples_factor)
 
 
 class GlobalModel:

@@ -37,11 +37,22 @@ class Peers:
         if self._wait_at_start(resumed):
             return True
         log.error(
-            "cloud: only %d of %d %s connected within topology.connect_timeout = %s s",
+            "cloud: only %d of %d %s connected within topology.connect_timeout = %s s; "
+            "missing: %s (see their logs: one that failed at start says why)",
             self.client_manager.num_available(), self.expected, self.kind,
-            self.topology.connect_timeout,
+            self.topology.connect_timeout, self.missing(),
         )
         return False
+
+    def missing(self) -> str:
+        """The expected peers (clients or edges 0..N-1) not connected now, by their ids: a
+        client that stopped at start (e.g. its data could not be read) is named, not just
+        counted. Connected peers are known by the id the client manager established."""
+        connected = {self.client_manager.identity(proxy)[0]
+                     for proxy in self.client_manager.all().values()}
+        kind = self.kind.rstrip("s")
+        absent = [f"{kind} {peer}" for peer in range(self.expected) if peer not in connected]
+        return ", ".join(absent) or "none"
 
     def _wait_at_start(self, resumed: bool) -> bool:
         """All expected peers within topology.connect_timeout. A resumed cloud waits longer
@@ -67,9 +78,9 @@ class Peers:
         start = time.perf_counter()
         if not wait_for_clients(self.client_manager, wanted, self.topology.connect_timeout):
             log.warning("cloud round %d: %d of %d %s connected after "
-                        "topology.connect_timeout = %s s; going on with them", server_round,
-                        self.client_manager.num_available(), self.expected, self.kind,
-                        self.topology.connect_timeout)
+                        "topology.connect_timeout = %s s (missing: %s); going on with them",
+                        server_round, self.client_manager.num_available(), self.expected,
+                        self.kind, self.topology.connect_timeout, self.missing())
         self.last_round = self.client_manager.num_available()
         if self.held_by_peer:
             self._recognise(strategy)

@@ -1,5 +1,6 @@
 """The ``fedphd`` program itself, run as a user runs it."""
 
+import pytest
 from PIL import Image
 
 from tests.conftest import fedphd
@@ -45,3 +46,18 @@ def test_train_then_sample_write_png_grids(tmp_path):
     assert result.returncode == 0, result.stderr
     width, height = Image.open(grid).size
     assert width == height and width >= 3 * 16
+
+
+def test_address_flags_accept_every_documented_form_and_refuse_the_rest():
+    from fedphd.common.settings.config import ConfigError
+    from fedphd.common.settings.topology import parse_address, parse_addresses
+
+    assert parse_addresses("127.0.0.1:8080", "--server") == ["127.0.0.1:8080"]
+    assert parse_addresses(" edge-0:9000, [::1]:9001 ,", "--server") == [
+        "edge-0:9000", "[::1]:9001"]
+    assert parse_address("0.0.0.0:8080", "--listen") == "0.0.0.0:8080"
+    assert parse_address("my_cloud.local:1", "--cloud") == "my_cloud.local:1"
+    for bad in ["", "garbage", "http://a:1", "[::1", "[::1]", "[zz]:1", "::1:80", ":80",
+                "a:", "a:x", "a:65536", "300.1.1.1:80", "a b:80", "a:1,b"]:
+        with pytest.raises(ConfigError, match="^--cloud "):
+            parse_addresses(bad, "--cloud")

@@ -1,5 +1,6 @@
 """The docker compose test bed for real (``make compose-test``): build the image, run the cloud,
-2 edges and 4 clients as containers with ``docker-compose.yml``, check the cloud's results.
+2 edges and 4 clients as containers with ``docker-compose.yml`` over mutual TLS (each role's
+volume holding its own key only), check the cloud's results.
 
 On a machine like CI's (root, Debian, no image registry) the setup installs and starts what it
 needs: the Docker engine, Compose and debootstrap from Debian's packages
@@ -36,7 +37,8 @@ IMAGE_REPO, BASE_REPO, PROJECT_PREFIX = "fedphd-compose-test", "fedphd-compose-b
 IMAGE, BASE = f"{IMAGE_REPO}:{RUN_ID}", f"{BASE_REPO}:{RUN_ID}"
 PROJECT = f"{PROJECT_PREFIX}{RUN_ID}"
 CONFIG = REPO / "configs" / "compose-digits.toml"
-SERVICES = {"cloud", "edge-1", "edge-2", "client-1", "client-2", "client-3", "client-4"}
+ROLES = {"cloud", "edge-1", "edge-2", "client-1", "client-2", "client-3", "client-4"}
+SERVICES = {"certs", *ROLES}  # certs: the one-shot service that makes the certificates
 TIMINGS: dict[str, float] = {}
 
 
@@ -174,10 +176,12 @@ def test_compose_testbed_trains_and_leaves_the_clouds_results(testbed, tmp_path)
     assert set(states) == SERVICES, states
     assert all(state == ("exited", 0) for state in states.values()), (states, logs[-6000:])
 
-    # TLS on every link: each role logs that it serves or dials with the test CA.
+    # Mutual TLS on every link: each role logs that it serves or dials with the test CA and
+    # that client certificates are required.
     for role in ("cloud: ", "edge 0: serving", "edge 1: serving", "client 0:", "client 3:"):
-        assert any(role in line and "TLS, CA /certs/ca.pem" in line
-                   for line in logs.splitlines()), role
+        assert any(role in line and "TLS, CA /certs/ca.pem, client certificates required"
+                   in line for line in logs.splitlines()), role
+    assert_each_role_mounts_its_own_certificates(base, env)
 
     cloud_id = sh(*base, "ps", "-a", "-q", "cloud", timeout=60, env=env).stdout.strip()
     results = tmp_path / "results"
@@ -186,6 +190,17 @@ def test_compose_testbed_trains_and_leaves_the_clouds_results(testbed, tmp_path)
     # Where the time went (seconds), kept beside the cache for whoever sizes CI.
     (CACHE / "timings.json").write_text(json.dumps(TIMINGS, indent=2))
     print(f"compose test bed timings (s): {json.dumps(TIMINGS)}")
+
+
+def assert_each_role_mounts_its_own_certificates(base: list[str], env: dict[str, str]) -> None:
+    """Every role's /certs is its own volume, read-only; the CA's key is in none of them."""
+    for service in ROLES:
+        container = sh(*base, "ps", "-a", "-q", service, timeout=60, env=env).stdout.strip()
+        mounts = json.loads(sh("docker", "inspect", "--format", "{{json .Mounts}}", container,
+                               timeout=60).stdout)
+        (certs,) = [m for m in mounts if m["Destination"] == "/certs"]
+        assert certs["Name"].endswith(f"_certs-{service}") and not certs["RW"], certs
+        assert not any(m["Name"].endswith("_ca") for m in mounts if m.get("Name")), mounts
 
 
 def check_results(results: Path) -> None:

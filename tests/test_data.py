@@ -345,10 +345,28 @@ def test_missing_imagefolder_explains_itself(tmp_path: Path, layout: str) -> Non
     assert "imagefolder" in str(caught.value) and str(root) in str(caught.value)
 
 
-def test_unreadable_image_is_reported_when_loaded(tmp_path: Path) -> None:
+def test_unreadable_image_is_named_when_the_folder_loads(tmp_path: Path) -> None:
+    """Every file is decoded once at load: a corrupt one stops the process at start, named,
+    not at the first training round."""
     (tmp_path / "cats").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "good.png")
     (tmp_path / "cats" / "broken.png").write_bytes(b"\x89PNG truncated")
 
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_dataset(config("imagefolder", tmp_path), 8, 3)
+    message = str(caught.value)
+    assert f"image {tmp_path / 'cats' / 'broken.png'} could not be read" in message
+    assert "\n" not in message and caught.value.__cause__ is None
+
+
+def test_an_image_spoilt_after_loading_is_named_at_first_use(tmp_path: Path) -> None:
+    (tmp_path / "cats").mkdir()
+    for name in ("0.png", "1.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "cats" / name)
     dataset = load_dataset(config("imagefolder", tmp_path), 8, 3)
-    with pytest.raises(DatasetNotFoundError, match="broken|could not be read"):
-        dataset[0]
+    (tmp_path / "cats" / "1.png").write_bytes(b"overwritten")  # e.g. a disk copy going on
+
+    assert dataset[0][0].shape == (3, 8, 8)
+    with pytest.raises(DatasetNotFoundError, match="could not be read") as caught:
+        dataset[1]
+    assert f"({tmp_path / 'cats' / '1.png'})" in str(caught.value)

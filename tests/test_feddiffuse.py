@@ -169,6 +169,43 @@ def test_usplit_sends_everything_and_averages_each_group_over_its_trainers():
     assert set(expected) == set(GROUPS)
 
 
+def test_usplit_records_which_client_trained_which_groups():
+    """The round's record names, per client, the groups it trained: its established identity
+    where the server has one (a certificate's), else the client_id of its answer."""
+    from fedphd.common.wire.transport import PeerIdentity
+
+    strategy, manager, initial = managed_feddiffuse("usplit", clients=4)
+    global_model = model_to_ndarrays(TINY)
+    instructions = strategy.configure_fit(3, initial, manager)
+    # The peer on connection "2" was identified at join as client 7 (whatever it declares).
+    certified = next(proxy for proxy, _ in instructions if proxy.cid == "2")
+    certified.peer_identity = PeerIdentity("client", 7, certified=True)
+    answers, expected = [], {}
+    for proxy, ins in instructions:
+        groups = ins.config[TRAIN_GROUPS_KEY].split(",")
+        at = group_indices(NAMES, tuple(groups))
+        proxy_answer = reply(proxy, [global_model[i] + 1 for i in at], 5)
+        if proxy is certified:
+            proxy_answer[1].metrics["client_id"] = 7  # an honest client says who it is
+        answers.append(proxy_answer)
+        expected["client 7" if proxy is certified else f"client {proxy.cid}"] = groups
+    _, metrics = strategy.aggregate_fit(3, answers, [])
+    trained = json.loads(metrics["groups_trained"])
+    assert trained == expected
+    assert len(trained) == 4 and "client 2" not in trained
+    # Every group is trained by someone, and no client trains both sides.
+    assert {g for groups in trained.values() for g in groups} == set(GROUPS)
+    assert all(not {"up", "down"} <= set(groups) for groups in trained.values())
+
+
+def test_fixed_modes_record_no_per_client_groups():
+    strategy, manager, initial = managed_feddiffuse("full", clients=2)
+    instructions = strategy.configure_fit(1, initial, manager)
+    answers = [reply(proxy, model_to_ndarrays(TINY), 3) for proxy, _ in instructions]
+    _, metrics = strategy.aggregate_fit(1, answers, [])
+    assert "groups_trained" not in metrics and "groups_averaged" in metrics
+
+
 def test_average_groups_keeps_a_group_nobody_trained():
     model = [np.zeros(2, np.float32) for _ in NAMES]
     down = group_indices(NAMES, ("down",))
@@ -280,6 +317,11 @@ def test_feddiffuse_configs_run_end_to_end(mode, tmp_path, ports):
     if mode == "usplit":
         # Each client sends back one side (and maybe mid): about half the model in all.
         assert averaged["up"] == 2 and averaged["down"] == 2 and averaged["mid"] == 2
+        for record in cloud:  # every round says whose update went into which groups
+            trained = record["strategy"]["groups_trained"]
+            assert sorted(trained) == [f"client {c}" for c in range(4)]
+            assert sorted(g for groups in trained.values() for g in groups) == sorted(
+                [g for g in GROUPS for _ in range(2)])
         assert 0.48 * 4 * model_bytes < payload < 0.52 * 4 * model_bytes
     else:
         assert all(averaged[g] == (4 if g in shared else 0) for g in GROUPS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -13,7 +14,13 @@ from fedphd.common.core.pruning import PrunedUNet2DModel
 from fedphd.common.settings.config import load_config
 from fedphd.common.wire import codec
 from fedphd.common.wire.keys import GROUP_LASSO_KEY
-from fedphd.server.fedphd import FedPhD, cloud_weights, select_edges, statistical_homogeneity
+from fedphd.server.fedphd import (
+    FedPhD,
+    cloud_weights,
+    keep_edges_filled,
+    select_edges,
+    statistical_homogeneity,
+)
 from fedphd.server.fedphd_pruning import PruningSchedule
 from fedphd.server.methods import model_schedule
 from fedphd.server.metrics_log import MetricsLog
@@ -172,3 +179,85 @@ def test_without_pruning_the_model_never_changes(tmp_path):
     schedule.load_state({"pruned": False})  # a version-1 checkpoint's flag: nothing to do
     metrics.close()
     assert _lines(tmp_path / "metrics.jsonl") == []
+
+
+# --- never an empty edge ------------------------------------------------------------------
+
+FEW_EDGES = ["e0", "e1", "e2"]
+
+
+def edge_sizes(assignment: dict[int, str], edges) -> list[int]:
+    return [sum(1 for e in assignment.values() if e == edge) for edge in edges]
+
+
+def emptying_seeds(hists, edges, policy: str, scale: float) -> list[int]:
+    """Seeds for which the old rule (no minimum) leaves an edge without clients."""
+    return [seed for seed in range(40)
+            if 0 in edge_sizes(select_edges(hists, edges, policy, scale,
+                                            np.random.default_rng(seed), min_per_edge=0), edges)]
+
+
+@pytest.mark.parametrize(("clients", "policy", "scale"), [
+    (4, "fedphd", 720.0),  # the digits config's A: few clients per edge
+    (6, "fedphd", 1e6),  # a large A: SH pulls complementary pairs together
+    (6, "greedy", 1e6),  # the arg-max puts every client on one edge
+])
+def test_the_minimum_fills_every_edge_the_old_rule_empties(clients, policy, scale):
+    hists = pair_hists(clients, 360)
+    seeds = emptying_seeds(hists, FEW_EDGES, policy, scale)
+    assert len(seeds) >= 10  # the topology really is one where the old rule empties edges
+    for seed in seeds:
+        old = select_edges(hists, FEW_EDGES, policy, scale, np.random.default_rng(seed),
+                           min_per_edge=0)
+        new = select_edges(hists, FEW_EDGES, policy, scale, np.random.default_rng(seed))
+        assert min(edge_sizes(new, FEW_EDGES)) >= 1
+        assert sorted(new) == list(range(clients))
+        # The same draw, repaired by as few moves as edges lacked a client.
+        assert sum(old[c] != new[c] for c in old) == edge_sizes(old, FEW_EDGES).count(0)
+        again = select_edges(hists, FEW_EDGES, policy, scale, np.random.default_rng(seed))
+        assert again == new  # deterministic in the seed
+
+
+def test_a_larger_minimum_fills_level_by_level():
+    hists = pair_hists(7, 360)
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        assignment = select_edges(hists, FEW_EDGES, "greedy", 1e6, rng, min_per_edge=2)
+        assert min(edge_sizes(assignment, FEW_EDGES)) >= 2
+
+
+def test_the_cheapest_move_keeps_the_donor_homogeneous():
+    """Edge e0 holds one client of classes {1, 6} and two of {0, 5}; e1 is empty. Moving a
+    duplicate costs e0 no class, moving the {1, 6} client (the lowest id, which a plain
+    tie-break would pick) leaves e0 with half its classes: the rule moves the duplicate
+    with the lowest id."""
+    one_six, zero_five = pair_hists(2, 100)[1], pair_hists(1, 100)[0]
+    hists = {0: one_six, 1: zero_five, 2: zero_five}
+    filled = keep_edges_filled({0: "e0", 1: "e0", 2: "e0"}, hists, ["e0", "e1"], 720.0, 1)
+    assert filled == {0: "e0", 1: "e1", 2: "e0"}
+
+
+def test_too_few_clients_fill_as_many_edges_as_possible(caplog):
+    hists = pair_hists(2, 100)
+    edges = ["e0", "e1", "e2", "e3"]
+    with caplog.at_level(logging.WARNING, logger="fedphd.fedphd"):
+        assignment = select_edges(hists, edges, "greedy", 1e6, np.random.default_rng(0))
+    assert sorted(edge_sizes(assignment, edges)) == [0, 0, 1, 1]  # none doubled up
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["2 clients cannot give each of 4 live edges "
+                        "topology.min_clients_per_edge = 1: filling as many edges as possible"]
+    # Three clients, a minimum of 2 on 3 edges: every edge gets one before any gets two.
+    three = select_edges(pair_hists(3, 100), FEW_EDGES, "greedy", 1e6,
+                         np.random.default_rng(0), min_per_edge=2)
+    assert edge_sizes(three, FEW_EDGES) == [1, 1, 1]
+
+
+def test_fedphd_takes_the_minimum_from_the_run_config():
+    from fedphd.common.federation.strategy import build_strategy, run_context
+
+    cfg = load_config(overrides=["topology.min_clients_per_edge=3"])
+    strategy = build_strategy("fedphd.server.fedphd.FedPhD", {}, {}, "topology.cloud_strategy",
+                              {**run_context(cfg, "{}"), "tensor_names": []})
+    assert strategy.min_clients_per_edge == 3
+    assert FedPhD().min_clients_per_edge == 1  # the config's default without a run config
+    assert FedPhD(min_clients_per_edge=0).min_clients_per_edge == 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedphd.common.data import partition as P
-from fedphd.common.settings.config import PartitionConfig
+from fedphd.common.settings.config import ConfigError, PartitionConfig
 
 NUM_CLASSES = 10
 FEDPHD_PAIRS = [[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]]
@@ -199,8 +199,10 @@ def test_label_histogram_sums_to_partition_size() -> None:
     ],
 )
 def test_impossible_requests_name_the_field(call: Callable[[], object], field: str) -> None:
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    # A ConfigError: the command line prints it as one line instead of a traceback.
+    with pytest.raises(P.PartitionError, match=field.replace(".", r"\.")) as caught:
         call()
+    assert isinstance(caught.value, ConfigError)
 
 
 def test_partition_dispatches_pairs_and_k() -> None:
@@ -209,3 +211,13 @@ def test_partition_dispatches_pairs_and_k() -> None:
 
     shards = P.partition(LABELS, 5, PartitionConfig(method="classes", classes_per_client=4))
     assert [len(np.unique(LABELS[p])) for p in shards] == [4] * 5
+
+
+def test_a_run_whose_partition_cannot_be_made_is_refused_up_front() -> None:
+    from fedphd.common.settings.config import load_config
+
+    P.check_run_partition(load_config(None, []))  # the default run: 4 clients, IID digits
+    infeasible = load_config(None, ['partition.method="classes"',
+                                    "partition.classes_per_client=11"])
+    with pytest.raises(P.PartitionError, match=r"partition\.classes_per_client=11"):
+        P.check_run_partition(infeasible)

@@ -13,13 +13,14 @@ from fedphd.common.federation.strategy import (
     build_strategy,
     client_strategy_defaults,
 )
-from fedphd.common.settings.config import ConfigError
+from fedphd.common.settings.config import ConfigError, load_config
 from fedphd.common.wire import codec
 from fedphd.common.wire.keys import ARCH_KEY, ROUND_KEY, UPLINK_KEY
 from fedphd.common.wire.transport import (
     ClientProxy,
     FitRes,
     GetPropertiesRes,
+    PeerIdentity,
     SimpleClientManager,
     ndarrays_to_parameters,
     ok_status,
@@ -194,3 +195,131 @@ def test_quantised_downlink_sends_updates_from_what_each_receiver_holds():
     # A receiver that does not hold the base refuses the update instead of corrupting itself.
     with pytest.raises(ValueError, match="does not hold"):
         HeldModel().decode(second.parameters, second.config)
+
+
+# --- Bounded influence and blame by identity -------------------------------------------------
+
+class KnownProxy(FakeProxy):
+    """A connected peer whose server established who it is when it joined (what the client
+    manager sets on every real peer)."""
+
+    def __init__(self, cid: str, identity: PeerIdentity):
+        super().__init__(cid)
+        self.peer_identity = identity
+
+
+def filled(value: float) -> list[np.ndarray]:
+    return [np.full((2, 3), value, np.float32), np.full(4, value, np.float32)]
+
+
+def identified_answer(identity: PeerIdentity, arrays, examples: int, claimed_id=None):
+    """An answer from the peer ``identity`` over connection ``c<number>``, claiming
+    ``client_id = claimed_id`` (its own id when None)."""
+    metrics = {f"{identity.kind}_id": identity.number if claimed_id is None else claimed_id,
+               "loss": 0.5, "label_hist": json.dumps([examples, 0])}
+    return (KnownProxy(f"c{identity.number}", identity),
+            FitRes(ok_status(), codec.encode(arrays, "fp32"), examples, metrics))
+
+
+class RecordingFedAvg(FedAvg):
+    """FedAvg that remembers the sample counts it was given (what any user strategy sees)."""
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.seen = {res.metrics["client_id"]: res.num_examples for _, res in results}
+        return super().aggregate_fit(server_round, results, failures)
+
+
+def round_of(answers, factor=None, inner=None):
+    strategy = ManagedStrategy(inner or FedAvg(min_available_clients=1, min_fit_clients=1),
+                               {ARCH_KEY: "{}"}, max_examples_factor=factor)
+    manager = SimpleClientManager()
+    for proxy, _ in answers:
+        manager.register(proxy)
+    strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)
+    return strategy.aggregate_round(1, answers, [])
+
+
+def client(number: int, declared: int | None = None) -> PeerIdentity:
+    return PeerIdentity("client", number, certified=True, declared_examples=declared)
+
+
+def test_a_huge_sample_count_is_clipped_to_the_cap_before_the_inner_strategy(caplog):
+    inner = RecordingFedAvg(min_available_clients=1, min_fit_clients=1)
+    answers = [identified_answer(client(0), filled(1.0), 10),
+               identified_answer(client(1), filled(1.0), 10),
+               identified_answer(client(2), filled(7.0), 10**12)]
+    result = round_of(answers, factor=1.0, inner=inner)
+    # Unclipped, FedAvg would give client 2 all the weight (~7.0); clipped to 10 it has 1/3.
+    assert np.allclose(codec.decode(result.parameters)[0], 3.0)
+    assert inner.seen == {0: 10, 1: 10, 2: 10}
+    assert result.summary.clipped == {"client 2": {"claimed": 10**12, "counted": 10}}
+    assert result.summary.examples == {"client 0": 10, "client 1": 10, "client 2": 10}
+    assert result.summary.num_examples == 30
+    assert result.summary.rejected == {}
+    assert "client 2 claimed 1000000000000 samples; counted as 10" in caplog.text
+
+
+def test_the_cap_uses_the_low_median_so_one_claim_of_two_cannot_raise_it():
+    answers = [identified_answer(client(0), filled(1.0), 10),
+               identified_answer(client(1), filled(1.0), 10**12)]
+    result = round_of(answers)  # the default factor, 10
+    assert result.summary.clipped == {"client 1": {"claimed": 10**12, "counted": 100}}
+
+
+def test_counts_within_the_cap_and_zero_counts_are_left_alone():
+    answers = [identified_answer(client(0), filled(1.0), 0),
+               identified_answer(client(1), filled(1.0), 0),
+               identified_answer(client(2), filled(3.0), 500),
+               identified_answer(client(3), filled(3.0), 900)]
+    result = round_of(answers, factor=2.0)
+    # The median of the positive counts (500), not of all (0): nobody is cut.
+    assert result.summary.clipped == {}
+    assert result.summary.examples["client 3"] == 900
+
+
+def test_the_cloud_strategy_takes_the_factor_from_the_run_config():
+    from fedphd.server.global_model import cloud_strategy
+
+    initial = ndarrays_to_parameters(MODEL)
+    cfg = load_config(overrides=["topology.max_examples_factor=2.5"])
+    assert cloud_strategy(cfg, True, "{}", initial, {}, None).max_examples_factor == 2.5
+    assert ManagedStrategy(FedAvg(), {ARCH_KEY: "{}"}).max_examples_factor == 10.0
+
+
+def test_a_client_claiming_more_samples_than_it_declared_at_join_is_refused(caplog):
+    answers = [identified_answer(client(0, declared=10), filled(1.0), 10),
+               identified_answer(client(1, declared=10), filled(9.0), 11)]
+    result = round_of(answers)
+    assert np.allclose(codec.decode(result.parameters)[0], 1.0)
+    assert result.summary.senders == ["client 0"]
+    assert result.summary.rejected == {
+        "client 1": "num_examples = 11 is more than the 10 samples it declared when it joined"}
+    assert "rejected the update of client 1" in caplog.text
+
+
+def test_an_edge_may_count_more_than_it_declared_at_join():
+    # Clients re-assigned to an edge after it joined add to its count: only the cap bounds it.
+    edge = PeerIdentity("edge", 1, certified=True, declared_examples=10)
+    result = round_of([identified_answer(edge, filled(1.0), 25)])
+    assert result.summary.senders == ["edge 1"] and result.summary.rejected == {}
+
+
+def test_an_answer_claiming_another_id_is_refused_and_blamed_on_its_sender(caplog):
+    answers = [identified_answer(client(0), filled(1.0), 10),
+               identified_answer(client(2), filled(np.nan), 10, claimed_id=0)]
+    result = round_of(answers)
+    assert np.allclose(codec.decode(result.parameters)[0], 1.0)
+    assert result.summary.senders == ["client 0"]
+    reason = "client 2 (connection c2) claimed to be client 0"
+    assert result.summary.rejected == {"client 2": reason}
+    assert f"rejected the update of client 2: {reason}" in caplog.text
+    assert "rejected the update of client 0" not in caplog.text
+
+
+def test_the_established_identity_names_the_sender_whatever_the_answer_claims(caplog):
+    # An answer that claims nothing, with a NaN: blamed on the peer's identity, not a cid.
+    proxy, res = identified_answer(client(5), filled(np.nan), 10)
+    del res.metrics["client_id"]
+    result = round_of([identified_answer(client(0), filled(1.0), 10), (proxy, res)])
+    assert "NaN or Inf" in result.summary.rejected["client 5"]
+    assert "rejected the update of client 5" in caplog.text

@@ -18,6 +18,7 @@ import pytest
 
 from fedphd.common.settings.config import ConfigError, TlsConfig, load_config
 from fedphd.common.wire.tls import (
+    client_certificate,
     client_root_certificates,
     server_certificates,
     with_run_certificates,
@@ -32,9 +33,9 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
                                    reason="docker/make-certs.sh needs the openssl program")
 
 
-def make_certs(folder: Path, *hosts: str) -> Path:
-    result = subprocess.run(["sh", str(REPO / "docker" / "make-certs.sh"), str(folder), *hosts],
-                            capture_output=True, text=True, timeout=60)
+def make_certs(folder: Path, *hosts: str, options: tuple[str, ...] = ()) -> Path:
+    result = subprocess.run(["sh", str(REPO / "docker" / "make-certs.sh"), *options, str(folder),
+                             *hosts], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return folder
 
@@ -117,6 +118,33 @@ def test_the_scripts_server_certificate_verifies_for_every_name_given(script_cer
         assert handshake(*files, host)["subject"]
     with pytest.raises(ssl.SSLCertVerificationError):
         handshake(*files, "cloud.example.org")
+
+
+def peer_tls(folder: Path, peer: str) -> TlsConfig:
+    return TlsConfig(ca_cert=str(folder / "ca.pem"), client_cert=str(folder / f"{peer}.pem"),
+                     client_key=str(folder / f"{peer}.key"))
+
+
+def test_the_script_makes_each_peer_its_own_certificate_and_issues_more(script_certs,
+                                                                         tmp_path):
+    # By default 4 clients and 2 edges (the default config's), each named in its certificate.
+    for kind, count in (("client", 4), ("edge", 2)):
+        for number in range(count):
+            peer = f"{kind}-{number}"
+            assert client_certificate(peer_tls(script_certs, peer), kind, number, "-")
+            assert (script_certs / f"{peer}.key").stat().st_mode & 0o077 == 0
+    assert not (script_certs / "client-4.pem").exists()
+    # --issue signs one more with the kept CA key; anything but client-N / edge-N is refused.
+    folder = make_certs(tmp_path / "small", "localhost", options=("--clients", "1", "--edges", "0"))
+    assert not (folder / "edge-0.pem").exists()
+    issued = subprocess.run(["sh", str(REPO / "docker" / "make-certs.sh"), "--issue",
+                             "client-7", str(folder)], capture_output=True, text=True, timeout=60)
+    assert issued.returncode == 0, issued.stderr
+    assert client_certificate(peer_tls(folder, "client-7"), "client", 7, "-")
+    bad = subprocess.run(["sh", str(REPO / "docker" / "make-certs.sh"), "--issue", "bob",
+                          str(folder)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "make-certs: --issue takes client-N or edge-N, not 'bob'"
 
 
 def test_launch_makes_a_throwaway_ca_unless_told_otherwise(tmp_path):
@@ -221,9 +249,13 @@ def test_a_tls_server_refuses_plaintext_and_foreign_ca_clients_with_clear_errors
         assert "plaintext" in plaintext.stderr and "tls.insecure" in plaintext.stderr
         assert "Traceback" not in plaintext.stderr
 
-        other_ca = make_certs(tmp_path / "other", "localhost", "127.0.0.1") / "ca.pem"
+        # A client of another CA: its own certificate too (mutual TLS), but the server's
+        # does not verify for it.
+        other = make_certs(tmp_path / "other", "localhost", "127.0.0.1")
         foreign = fedphd("client", "--client-id", "0", "--server", address,
-                         "--set", f'tls.ca_cert="{other_ca}"',
+                         "--set", f'tls.ca_cert="{other / "ca.pem"}"',
+                         "--set", f'tls.client_cert="{other / "client-0.pem"}"',
+                         "--set", f'tls.client_key="{other / "client-0.key"}"',
                          "--set", "topology.connect_timeout=60", timeout=300)
         assert foreign.returncode == 1, foreign.stderr[-2000:]
         for fragment in ("TLS handshake", "CERTIFICATE_VERIFY_FAILED", "tls.ca_cert", address):

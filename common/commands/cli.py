@@ -12,8 +12,18 @@ import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from fedphd.common.settings.config import ConfigError, RunConfig, load_config
+from fedphd.common.settings.topology import parse_address, parse_addresses
 
 COMMAND_GROUP = "fedphd.commands"
+# The roles' address flags (argparse dest -> flag, whether it takes a comma list). Checked
+# here, before any command runs, so a typo costs one line instead of a data set load and
+# then Flower's own multi-line message that never names the flag.
+ADDRESS_FLAGS: dict[str, tuple[str, bool]] = {
+    "server": ("--server", True),
+    "cloud": ("--cloud", False),
+    "listen": ("--listen", False),
+    "advertise": ("--advertise", False),
+}
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_address_flags(args: argparse.Namespace) -> None:
+    """Raise ``ConfigError`` naming the flag and the value of the first bad address given."""
+    for dest, (flag, many) in ADDRESS_FLAGS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str):
+            (parse_addresses if many else parse_address)(value, flag)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        check_address_flags(args)
+    except ConfigError as error:
+        print(f"fedphd {args.command}: {error}", file=sys.stderr)
+        return 2  # argparse's code for a bad command line
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

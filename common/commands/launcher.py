@@ -5,8 +5,12 @@ the configured host, shows the cloud's progress, and stops every process it star
 run ends, when one of them fails, on Ctrl-C, or at ``--timeout``. The run folder gets the
 resolved ``config.toml``, each process's log under ``logs/``, and whatever the cloud writes
 (``metrics.jsonl``, ``model/``, ``samples.png``, ``summary.json``) plus ``summary.md``.
-Its gRPC links are TLS: with certificates from ``[tls]``, or with a throwaway CA the launcher
-makes in ``tls/`` when none are configured; plaintext only with ``tls.insecure = true``.
+Its gRPC links are mutual TLS: with certificates from ``[tls]``, or with a throwaway CA the
+launcher makes in ``tls/`` when none are configured (a server certificate and one certificate
+per client and edge); plaintext only with ``tls.insecure = true``. Each edge and client gets
+its own certificate on its command line (``--set tls.client_cert=...``): the files named
+``client-N.pem``/``edge-N.pem`` next to the CA certificate, as docker/make-certs.sh writes
+them, unless ``[tls]`` names one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import tomli_w
 
 from fedphd.common.commands.cli import add_config_args, config_from_args
+from fedphd.common.data.partition import check_run_partition
 from fedphd.common.settings.config import RunConfig
 from fedphd.common.settings.runtime import progress_bar
 from fedphd.common.settings.topology import (
@@ -33,7 +38,7 @@ from fedphd.common.settings.topology import (
     is_flat,
     server_address_of_client,
 )
-from fedphd.common.wire.tls import with_run_certificates
+from fedphd.common.wire.tls import peer_certificate_files, with_run_certificates
 
 log = logging.getLogger("fedphd.launch")
 
@@ -100,6 +105,16 @@ def write_resolved_config(cfg: RunConfig, path: Path) -> Path:
     return path
 
 
+def own_certificate(cfg: RunConfig, peer: str) -> list[str]:
+    """The overrides that give ``peer`` ("client-0", "edge-1") its own certificate and key,
+    if the CA's folder has them (each process reads only its own key)."""
+    files = peer_certificate_files(cfg.tls, peer)
+    if files is None:
+        return []
+    cert, key = (json.dumps(str(path.resolve())) for path in files)  # TOML strings
+    return ["--set", f"tls.client_cert={cert}", "--set", f"tls.client_key={key}"]
+
+
 def plan_roles(cfg: RunConfig, config_path: Path, out: Path) -> list[Role]:
     """Command lines of the cloud, the edges and the clients."""
     base = [sys.executable, "-m", "fedphd.common.commands.cli"]
@@ -113,13 +128,15 @@ def plan_roles(cfg: RunConfig, config_path: Path, out: Path) -> list[Role]:
         roles += [
             Role(f"edge-{e}", [*base, "edge", *common, "--edge-id", str(e),
                                "--cloud", cloud_address(topology),
-                               "--listen", edge_address(e, topology)])
+                               "--listen", edge_address(e, topology),
+                               *own_certificate(cfg, f"edge-{e}")])
             for e in range(topology.edges)
         ]
     roles += [
         Role(f"client-{c}", [*base, "client", *common, "--client-id", str(c),
                              "--server", server_address_of_client(c, topology),
-                             "--state-dir", str(out / "clients" / f"client-{c}")])
+                             "--state-dir", str(out / "clients" / f"client-{c}"),
+                             *own_certificate(cfg, f"client-{c}")])
         for c in range(topology.clients)
     ]
     return roles
@@ -248,6 +265,7 @@ def _exit_on_sigterm(signum, _frame) -> None:
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cfg = config_from_args(args)
+    check_run_partition(cfg)  # an impossible split stops here, before any process starts
     out = Path(args.out or cfg.output.dir)
     return launch(cfg, out, args.timeout)
 

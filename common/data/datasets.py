@@ -6,7 +6,9 @@ array without decoding any image, so partitioning a 50 000-image set over client
 
 A missing or unreadable data set raises ``DatasetNotFoundError`` with a message that says which
 data set, which folder was searched and how to get the files; torchvision's own errors (and stack
-traces) never reach the user.
+traces) never reach the user. An ``imagefolder`` (a client's own ``--data-dir``) is decoded once
+when it loads, so a corrupt file stops the process at start, by name, before it joins a run;
+the large torchvision sets are read at first use, and a bad file is named then.
 """
 
 from __future__ import annotations
@@ -74,10 +76,13 @@ class LabeledImages(Dataset):
         index = int(index)  # NumPy integers from partitions index every source the same way
         try:
             image = self.source[index][0]
-        except OSError as error:
-            # A truncated JPEG or PNG would otherwise surface as a PIL traceback mid-training.
+        except (OSError, SyntaxError, ValueError) as error:
+            # A truncated JPEG or PNG would otherwise surface as a PIL traceback mid-training
+            # (PIL raises SyntaxError for some broken PNGs).
+            file = _file_of(self.source, index)
             raise DatasetNotFoundError(
-                f"{self.name} image {index} in {self.folder} could not be read ({error}); "
+                f"{self.name} image {index}{f' ({file})' if file else ''} in {self.folder} "
+                f"could not be read ({_one_line(error)}); "
                 "the data set is corrupt: copy it again"
             ) from None
         return image, int(self.labels[index])
@@ -85,6 +90,21 @@ class LabeledImages(Dataset):
     def subset(self, indices: Sequence[int] | np.ndarray) -> LabeledSubset:
         """The images at ``indices`` (e.g. one client's partition), keeping label access."""
         return LabeledSubset(self, indices)
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (PIL's and torchvision's may span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _file_of(source: Dataset, index: int) -> str | None:
+    """The file behind image ``index`` where the source knows it (ImageFolder, CelebA)."""
+    if isinstance(source, datasets.ImageFolder):
+        return str(source.samples[index][0])
+    if isinstance(source, datasets.CelebA):  # file names in img_align_celeba/
+        return str(Path(source.root) / source.base_folder / "img_align_celeba"
+                   / source.filename[index])
+    return None  # the other sets live in one binary file each: the index is all there is
 
 
 class LabeledSubset(Subset):
@@ -299,10 +319,27 @@ def _load_imagefolder(cfg: DataConfig, image_size: int, channels: int) -> Labele
             f"one subfolder per class holding .png/.jpg images into {root} (data.root), e.g. "
             f"{root / 'cats' / '0001.png'}; data.download does not apply to imagefolder"
         ) from None
+    _check_images(source.samples, root)
     labels = np.asarray(source.targets, dtype=np.int64)
     return LabeledImages(
         source, labels, source.classes, channels, image_size, "imagefolder", str(root)
     )
+
+
+def _check_images(samples: Sequence[tuple[str, int]], root: Path) -> None:
+    """Decode every image once, so that a corrupt file stops the process now, by name,
+    instead of failing a training round later with a traceback in the client's log."""
+    for path, _label in samples:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        # PIL raises OSError (truncated, unidentified), SyntaxError (broken PNG chunks) or
+        # ValueError/struct errors for garbage; any of them means "this file is unusable".
+        except Exception as error:  # noqa: BLE001
+            raise DatasetNotFoundError(
+                f"data set 'imagefolder' in {root}: image {path} could not be read "
+                f"({_one_line(error)}); remove or replace that file"
+            ) from None
 
 
 def load_dataset(

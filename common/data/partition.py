@@ -3,7 +3,8 @@
 Every function takes the label array only (never the images) and returns one sorted array of
 sample indices per client. Partitions are disjoint and deterministic in ``seed``; every client
 process computes the same split independently, so no index lists travel over the network.
-Impossible requests raise ``ValueError`` naming the configuration field to change.
+Impossible requests raise ``PartitionError`` (a ``ConfigError``, so every role prints its one
+line and exits instead of a traceback) naming the configuration field to change.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedphd.common.settings.config import PartitionConfig
+from fedphd.common.settings.config import ConfigError, PartitionConfig, RunConfig
 
 MAX_DIRICHLET_DRAWS = 100  # enough for any sane alpha; beyond it the request is unrealistic
+
+
+class PartitionError(ConfigError):
+    """The configured partition cannot be made from this data set; the message names the
+    fields to change. A ``ConfigError``: the command line reports it in one line."""
 
 
 def _as_labels(labels: np.ndarray | Sequence[int]) -> np.ndarray:
@@ -28,10 +34,10 @@ def _as_labels(labels: np.ndarray | Sequence[int]) -> np.ndarray:
 
 def _check_clients(labels: np.ndarray, num_clients: int, per_client: int = 1) -> None:
     if num_clients < 1:
-        raise ValueError(f"topology.clients must be at least 1, got {num_clients}")
+        raise PartitionError(f"topology.clients must be at least 1, got {num_clients}")
     if num_clients * per_client > len(labels):
         minimum = "" if per_client == 1 else f" (partition.min_samples={per_client} each)"
-        raise ValueError(
+        raise PartitionError(
             f"topology.clients={num_clients} needs at least {num_clients * per_client} samples"
             f"{minimum} but the data set has {len(labels)}"
         )
@@ -39,7 +45,7 @@ def _check_clients(labels: np.ndarray, num_clients: int, per_client: int = 1) ->
 
 def _check_alpha(alpha: float) -> None:
     if not alpha > 0:
-        raise ValueError(f"partition.alpha must be positive, got {alpha}")
+        raise PartitionError(f"partition.alpha must be positive, got {alpha}")
 
 
 def _sorted(parts: list[np.ndarray]) -> list[np.ndarray]:
@@ -86,7 +92,7 @@ def dirichlet(
         parts = _dirichlet_draw(labels, num_clients, alpha, rng)
         if min(len(part) for part in parts) >= min_samples:
             return _sorted(parts)
-    raise ValueError(
+    raise PartitionError(
         f"partition.alpha={alpha} left some of the {num_clients} clients with fewer than "
         f"partition.min_samples={min_samples} samples in {MAX_DIRICHLET_DRAWS} draws; raise "
         "partition.alpha, lower partition.min_samples or use fewer topology.clients"
@@ -151,12 +157,12 @@ def classes_per_client(labels: np.ndarray, num_clients: int, k: int, seed: int) 
     _check_clients(labels, num_clients)
     classes = np.unique(labels)
     if not 1 <= k <= len(classes):
-        raise ValueError(
+        raise PartitionError(
             f"partition.classes_per_client={k} must be between 1 and the {len(classes)} "
             "classes of the data set"
         )
     if num_clients * k < len(classes):
-        raise ValueError(
+        raise PartitionError(
             f"topology.clients={num_clients} x partition.classes_per_client={k} leaves some of "
             f"the {len(classes)} classes without a client; raise either"
         )
@@ -173,15 +179,15 @@ def classes_per_client(labels: np.ndarray, num_clients: int, k: int, seed: int) 
 
 def _check_pairs(labels: np.ndarray, pairs: Sequence[Sequence[int]]) -> None:
     if not pairs or any(len(group) == 0 for group in pairs):
-        raise ValueError("partition.pairs must be a non-empty list of non-empty class groups")
+        raise PartitionError("partition.pairs must be a non-empty list of non-empty class groups")
     flat = [int(label) for group in pairs for label in group]
     duplicates = sorted({label for label in flat if flat.count(label) > 1})
     if duplicates:
-        raise ValueError(f"partition.pairs lists classes {duplicates} more than once")
+        raise PartitionError(f"partition.pairs lists classes {duplicates} more than once")
     present = set(np.unique(labels).tolist())
     unknown = sorted(set(flat) - present)
     if unknown:
-        raise ValueError(
+        raise PartitionError(
             f"partition.pairs names classes {unknown} that the data set does not have "
             f"(it has {sorted(present)})"
         )
@@ -206,7 +212,7 @@ def fixed_pairs(
         if not sharers:
             continue
         if len(sharers) > int(np.isin(labels, group).sum()):
-            raise ValueError(
+            raise PartitionError(
                 f"partition.pairs group {list(group)} has fewer images than the "
                 f"{len(sharers)} clients that share it; use fewer topology.clients"
             )
@@ -230,7 +236,19 @@ def partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig) -> lis
         if cfg.pairs is not None:
             return fixed_pairs(labels, num_clients, cfg.pairs, cfg.seed)
         return classes_per_client(labels, num_clients, cfg.classes_per_client, cfg.seed)
-    raise ValueError(f"partition.method {cfg.method!r} is not supported")
+    raise PartitionError(f"partition.method {cfg.method!r} is not supported")
+
+
+def check_run_partition(cfg: RunConfig) -> None:
+    """Raise ``PartitionError`` now if the run's partition cannot be made, so a command that
+    starts the clients (``fedphd launch``) refuses in one line before starting processes that
+    would each fail with it. Reads the labels only (an ``imagefolder`` is decoded once)."""
+    from fedphd.common.core.models import unet_config
+    from fedphd.common.data.datasets import load_dataset  # torch and torchvision: on use only
+
+    arch = unet_config(cfg.model)
+    images = load_dataset(cfg.data, arch["sample_size"], arch["in_channels"])
+    partition(images.labels, cfg.topology.clients, cfg.partition)
 
 
 def label_histogram(labels: np.ndarray, indices: np.ndarray, num_classes: int) -> list[int]:

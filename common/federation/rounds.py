@@ -110,6 +110,9 @@ def round_record(
         "loss": summary.loss,
         "num_examples": summary.num_examples,
         peers_key: summary.senders,
+        # The weight each sender had in FedAvg-like strategies, and the claims cut to the cap.
+        "examples_by_sender": summary.examples,
+        "clipped": summary.clipped,
         "failures": summary.failures,
         "rejected": summary.rejected,
         "seconds": round(outcome.seconds, 3),

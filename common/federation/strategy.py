@@ -8,9 +8,12 @@ Flower's DP wrappers do and adds what every run needs whatever the aggregation r
   training settings, the uplink codec) merged into the inner strategy's ``FitIns.config``, and
   the global model encoded with the downlink codec;
 * ``aggregate_fit``: every answer decoded and checked (tensor count, shapes, dtypes, finite
-  values, sane metrics) before the inner strategy sees it; a bad answer is dropped with a
-  logged reason naming its sender, the round goes on with the others; the accepted answers
-  reach the inner strategy sorted by sender, so equal answers give bit-identical models;
+  values, sane metrics, the sender's claimed id against its established identity, its sample
+  count against what it declared at join) before the inner strategy sees it; a bad answer is
+  dropped with a logged reason naming its sender, the round goes on with the others; the
+  accepted answers reach the inner strategy sorted by sender, so equal answers give
+  bit-identical models, with every sample count bounded by ``max_examples_factor`` x the
+  round's low median (a larger one is clipped, logged and recorded);
 * a per-round summary (samples, loss, label histogram, who answered) for the driver's metrics;
 * partial sharing: an inner strategy that puts ``fedphd.send_groups`` / ``fedphd.return_groups``
   (U-Net groups ``down``, ``mid``, ``up``; see :mod:`fedphd.common.core.unet_groups`) into a
@@ -45,13 +48,17 @@ from fedphd.common.federation.held import Rebuilt
 from fedphd.common.federation.sharing import Layout, layout_of
 from fedphd.common.federation.summary import RoundSummary, summarise
 from fedphd.common.federation.validation import (
+    Clipped,
     answer_order,
+    bound_examples,
+    check_declared_examples,
+    check_identity,
     check_metrics,
     check_update,
     describe_failure,
     sender_name,
 )
-from fedphd.common.settings.config import CodecConfig, ConfigError
+from fedphd.common.settings.config import CodecConfig, ConfigError, TopologyConfig
 from fedphd.common.wire import codec
 from fedphd.common.wire.keys import (
     ARCH_KEY,
@@ -113,6 +120,9 @@ def import_object(dotted: str, field_name: str) -> Any:
 def _import(dotted: str) -> Any:
     module_name, _, attr = dotted.rpartition(".")
     return getattr(importlib.import_module(module_name), attr)
+
+
+DEFAULT_EXAMPLES_FACTOR = float(TopologyConfig.model_fields["max_examples_factor"].default)
 
 
 def build_strategy(
@@ -205,7 +215,9 @@ class ManagedStrategy(Strategy):
     """Wrap ``inner`` with instructions, codecs, answer validation and round summaries.
 
     Aggregation is exactly the inner strategy's:
-    ``w_{t+1} = inner.aggregate_fit(t, {(k, decode(payload_k)) : k accepted})``.
+    ``w_{t+1} = inner.aggregate_fit(t, {(k, decode(payload_k), min(n_k, cap)) : k accepted})``
+    with ``cap = max_examples_factor x`` the low median of the accepted ``n_k`` (drivers pass
+    the run's ``topology.max_examples_factor``; the config's default when not given).
     """
 
     def __init__(
@@ -218,10 +230,13 @@ class ManagedStrategy(Strategy):
         error_feedback: bool = True,
         held: dict[str, Rebuilt] | None = None,
         names: list[str] | None = None,
+        max_examples_factor: float | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
         self._names = names
+        self.max_examples_factor = (DEFAULT_EXAMPLES_FACTOR if max_examples_factor is None
+                                    else max_examples_factor)
         self.instruction = {
             **instruction, PER_CHANNEL_KEY: per_channel, ERROR_FEEDBACK_KEY: error_feedback
         }
@@ -243,13 +258,14 @@ class ManagedStrategy(Strategy):
         held: dict[str, Rebuilt] | None = None,
         names: list[str] | None = None,
         link: str = "cloud",
+        max_examples_factor: float | None = None,
     ) -> ManagedStrategy:
         """Wrap ``inner`` with the run's ``[codec]`` settings for the links a ``link``
         (``cloud`` or ``edge``) server serves."""
         downlink, uplink = codecs.for_link(link)
         return cls(inner, instruction, downlink=downlink, uplink=uplink,
                    per_channel=codecs.per_channel, error_feedback=codecs.error_feedback,
-                   held=held, names=names)
+                   held=held, names=names, max_examples_factor=max_examples_factor)
 
     def __repr__(self) -> str:
         return f"ManagedStrategy({self.inner!r}, downlink={self.downlink}, uplink={self.uplink})"
@@ -313,10 +329,17 @@ class ManagedStrategy(Strategy):
         """Check and decode every answer, aggregate the accepted ones with the inner strategy,
         and summarise the round."""
         accepted, rejected = self._accept(server_round, results)
+        accepted, clipped = bound_examples(accepted, self.max_examples_factor)
+        for clip in clipped:
+            log.warning("round %d: %s claimed %d samples; counted as %d "
+                        "(topology.max_examples_factor = %g x the round's median)",
+                        server_round, clip.sender, clip.claimed, clip.counted,
+                        self.max_examples_factor)
         for failure in failures:
             log.warning("round %d: %s", server_round, describe_failure(failure))
         self._wire.settle(accepted, results, failures)
         summary = self._summary(server_round, accepted, rejected, failures)
+        summary.clipped = clipped_record(clipped)
         if not accepted:
             return RoundAggregate(None, {}, summary)
         all_failures = list(failures) + [ValueError(reason) for reason in rejected.values()]
@@ -336,7 +359,9 @@ class ManagedStrategy(Strategy):
         for proxy, res in sorted(results, key=answer_order):
             name = sender_name(proxy, res)
             try:
+                check_identity(proxy, res)
                 check_metrics(res)
+                check_declared_examples(proxy, res)
                 arrays = self._decode_answer(proxy.cid, res)
             except ValueError as error:
                 log.warning("round %d: rejected the update of %s: %s", server_round, name, error)
@@ -353,6 +378,7 @@ class ManagedStrategy(Strategy):
     ) -> RoundSummary:
         summary = summarise([res for _, res in accepted])
         summary.senders = [sender_name(proxy, res) for proxy, res in accepted]
+        summary.examples = {sender_name(proxy, res): res.num_examples for proxy, res in accepted}
         reported = [(proxy, res) for proxy, res in accepted if RECEIVED_DIGEST_KEY in res.metrics]
         summary.digests_checked = len(reported)
         summary.digest_mismatches = [
@@ -432,6 +458,11 @@ class ManagedStrategy(Strategy):
 
     def evaluate(self, server_round: int, parameters: Parameters):
         return self.inner.evaluate(server_round, parameters)
+
+
+def clipped_record(clipped: list[Clipped]) -> dict[str, dict[str, int]]:
+    """The round record's ``clipped``: per sender, the samples it claimed and those counted."""
+    return {clip.sender: {"claimed": clip.claimed, "counted": clip.counted} for clip in clipped}
 
 
 def evaluation_results(results: list[tuple[ClientProxy, EvaluateRes]]) -> list[EvaluationResult]:

@@ -27,6 +27,10 @@ class RoundSummary:
     loss: float | None = None
     label_hist: list[int] = field(default_factory=list)
     senders: list[str] = field(default_factory=list)
+    # Samples each accepted sender counted for (after the cap), and the senders whose claim
+    # was cut to the cap: {sender: {"claimed": n, "counted": cap}}.
+    examples: dict[str, int] = field(default_factory=dict)
+    clipped: dict[str, dict[str, int]] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     failures: int = 0
     metrics: list[dict[str, Scalar]] = field(default_factory=list)

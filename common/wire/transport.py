@@ -9,18 +9,45 @@ file only. Everything here is Flower's own machinery; the project adds two thing
   bidirectional stream is measured with protobuf's ``ByteSize()``, the exact length of the
   serialised message that gRPC puts on the wire (its 5-byte frame header and HTTP/2 headers
   aside), per connected peer;
-* a bounded wait for peers, so no server blocks for a day on a client that never comes.
+* a bounded wait for peers, so no server blocks for a day on a client that never comes;
+* mutual TLS with identities: who a peer is comes from its certificate.
+
+Mutual TLS needs two hooks into Flower's legacy grpc-bidi stack, which has none of its own:
+
+* Flower's ``generic_create_grpc_server`` hard-codes ``require_client_auth=False``, so when a
+  server requires client certificates, :func:`start_flower_server` builds the gRPC server
+  itself with the same options (message limits, keepalive, concurrency) and
+  ``require_client_auth=True``; gRPC then refuses, in the handshake, a peer without a
+  certificate signed by the run's CA.
+* Flower's client (``start_client`` -> ``grpc_connection`` -> ``create_channel``) cannot
+  present a certificate. :func:`connect_client` sets this thread's certificate in a
+  thread-local and a wrapper installed once over the ``create_channel`` that
+  ``grpc_connection`` calls builds the channel with it. Thread-local, because several clients
+  may run as threads of one process (the benchmarks' client host), each with its own.
+
+Who a peer is: :class:`_IdentifyingServicer` reads the certificate gRPC verified
+(``context.auth_context()``), refuses a revoked one at once (``tls.deny``), and hands
+:class:`BoundedClientManager` a proxy that carries it. The manager asks the peer its declared
+id before it counts as connected, checks it against the certificate and the kind of peer the
+server serves, and sets ``proxy.peer_identity``; a refused peer's stream is aborted with
+``PERMISSION_DENIED`` and the reason, which :func:`connect_client` raises as
+:class:`PeerRefused` (one line, exit status 1).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import random
+import sys
 import threading
 import time
 import traceback
+import uuid
+from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
@@ -43,23 +70,34 @@ from flwr.common import (
     serde,
 )
 from flwr.compat.client.app import start_client
-from flwr.proto.transport_pb2 import ServerMessage  # pylint: disable=no-name-in-module
+from flwr.compat.client.grpc_client import connection as _flower_connection
+from flwr.proto.transport_pb2 import (  # pylint: disable=no-name-in-module
+    ClientMessage,
+    ServerMessage,
+)
 from flwr.server import Server, SimpleClientManager
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.server import evaluate_clients, fit_clients, reconnect_clients
 from flwr.server.strategy import FedAvg, Strategy
 from flwr.server.strategy.aggregate import aggregate
-from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
+from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import (
+    FlowerServiceServicer,
+    register_client_proxy,
+)
 from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import (
     GrpcBridge,
     GrpcBridgeClosed,
     InsWrapper,
     ResWrapper,
 )
+from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
+from flwr.supercore.address import is_port_in_use
 from flwr.supercore.grpc import generic_create_grpc_server
+from iterators import TimeoutIterator
 
-from fedphd.common.wire.keys import CLIENT_ID_PROPERTY, EDGE_ID_PROPERTY
+from fedphd.common.wire.keys import CLIENT_ID_PROPERTY, EDGE_ID_PROPERTY, LABEL_HIST_PROPERTY
+from fedphd.common.wire.tls import Admission, certified_identity, fingerprint
 
 try:  # the generated service module moved between Flower releases
     from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
@@ -71,7 +109,9 @@ except ImportError:  # pragma: no cover
 from flwr.compat.client.client import Client  # noqa: E402
 
 __all__ = [
+    "Admission",
     "BoundedClientManager",
+    "PeerRefused",
     "FedAvg",
     "Strategy",
     "aggregate",
@@ -221,6 +261,161 @@ def peer_identity(proxy: ClientProxy) -> PeerIdentity | None:
     return getattr(proxy, "peer_identity", None)
 
 
+# --- Mutual TLS: who a peer is ------------------------------------------------------------
+
+KIND_PROPERTY = {"client": CLIENT_ID_PROPERTY, "edge": EDGE_ID_PROPERTY}
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    """What gRPC verified of a peer's certificate in the handshake."""
+
+    identity: tuple[str, int] | None
+    fingerprint: str
+    names: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        if self.identity is None:
+            return f"a certificate naming no peer ({', '.join(self.names) or 'no names'})"
+        return f"{self.identity[0]} {self.identity[1]}"
+
+
+def _auth_strings(context: grpc.ServicerContext, key: str) -> list[str]:
+    return [value.decode(errors="replace") for value in context.auth_context().get(key, [])]
+
+
+def peer_certificate(context: grpc.ServicerContext) -> PeerCertificate | None:
+    """The verified client certificate of this call; None on a link without one."""
+    pems = _auth_strings(context, "x509_pem_cert")
+    if not pems:
+        return None
+    names = (_auth_strings(context, "x509_common_name")
+             + _auth_strings(context, "x509_subject_alternative_name"))
+    return PeerCertificate(certified_identity(names), fingerprint(pems[0]), tuple(names))
+
+
+class _PeerProxy(GrpcClientProxy):
+    """Flower's proxy of a connected peer, with the certificate it joined with; ``refusal``
+    is set when the server refuses it (its stream then ends with that reason)."""
+
+    def __init__(self, cid: str, bridge: GrpcBridge, certificate: PeerCertificate | None,
+                 admission: Admission) -> None:
+        super().__init__(cid, bridge)
+        self.certificate = certificate
+        self.admission = admission
+        self.refusal: str | None = None
+
+    def refuse(self, reason: str) -> None:
+        self.refusal = reason
+        self.bridge.close()
+
+
+class _IdentifyingServicer(FlowerServiceServicer):
+    """Flower's servicer, whose ``Join`` refuses revoked certificates at once and registers a
+    proxy that carries the peer's certificate; a refused peer's stream ends with
+    ``PERMISSION_DENIED`` and the reason (Flower's loop otherwise, unchanged)."""
+
+    def __init__(self, client_manager: ClientManager, meter: TrafficMeter,
+                 admission: Admission) -> None:
+        super().__init__(client_manager, grpc_bridge_factory=lambda: _MeteredBridge(meter))
+        self.admission = admission
+
+    def Join(self, request_iterator: Iterator[ClientMessage],  # noqa: N802 - gRPC's name
+             context: grpc.ServicerContext) -> Iterator[ServerMessage]:
+        certificate = peer_certificate(context)
+        if certificate is not None and self.admission.denied(certificate.identity,
+                                                             certificate.fingerprint):
+            log.warning("refused %s (certificate sha256 %s): it is on tls.deny",
+                        certificate.name, certificate.fingerprint)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{certificate.name} is on this server's deny list (tls.deny)")
+        proxy = _PeerProxy(uuid.uuid4().hex, self.grpc_bridge_factory(), certificate,
+                           self.admission)
+        if not register_client_proxy(self.client_manager, proxy, context):
+            return
+        try:
+            yield from _stream(proxy.bridge, request_iterator, context)
+        except GrpcBridgeClosed:
+            if proxy.refusal is None:
+                raise
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, proxy.refusal)
+
+
+def _stream(bridge: GrpcBridge, request_iterator: Iterator[ClientMessage],
+            context: grpc.ServicerContext) -> Iterator[ServerMessage]:
+    """Flower's ``FlowerServiceServicer.Join`` loop: instructions out, answers in."""
+    answers = TimeoutIterator(iterator=request_iterator, reset_on_next=True)
+    for ins_wrapper in bridge.ins_wrapper_iterator():
+        yield ins_wrapper.server_message
+        if ins_wrapper.timeout is not None:
+            answers.set_timeout(ins_wrapper.timeout)
+        try:
+            answer = next(answers)
+        except StopIteration:
+            return
+        if answer is answers.get_sentinel():
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"Timeout of {ins_wrapper.timeout}sec was exceeded.")
+        bridge.set_res_wrapper(res_wrapper=ResWrapper(client_message=answer))
+
+
+class Refused(Exception):
+    """A peer the server does not let in; the message says why, naming the peer."""
+
+
+def _declared(properties: dict[str, Scalar], kind: str) -> int | None:
+    """The id a peer declared for ``kind`` (None: none); a peer of the other kind is refused."""
+    other = "edge" if kind == "client" else "client"
+    if KIND_PROPERTY[other] in properties and KIND_PROPERTY[kind] not in properties:
+        raise Refused(f"it declared {KIND_PROPERTY[other]} {properties[KIND_PROPERTY[other]]}; "
+                      f"this server serves {kind}s")
+    value = properties.get(KIND_PROPERTY[kind])
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Refused(f"its {KIND_PROPERTY[kind]} {value!r} is not a number") from None
+
+
+def _declared_examples(properties: dict[str, Scalar]) -> int | None:
+    """The total of the label histogram a peer declared (None: none, or all zero)."""
+    if LABEL_HIST_PROPERTY not in properties:
+        return None
+    try:
+        counts = json.loads(str(properties[LABEL_HIST_PROPERTY]))
+        total = sum(int(count) for count in counts)
+        valid = isinstance(counts, list) and all(int(count) >= 0 for count in counts)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise Refused(f"its {LABEL_HIST_PROPERTY} is not a list of counts")
+    return total or None
+
+
+def establish_identity(properties: dict[str, Scalar], certificate: PeerCertificate | None,
+                       admission: Admission) -> PeerIdentity | None:
+    """Who a peer is: its certificate's identity when the server requires certificates
+    (its declared id must agree), else its declared id; None when it declared none on a
+    link without client certificates."""
+    kind = admission.kind
+    declared = _declared(properties, kind)
+    examples = _declared_examples(properties)
+    if not admission.certified:
+        return None if declared is None else PeerIdentity(kind, declared, False, examples)
+    if certificate is None or certificate.identity is None:
+        shown = "no certificate" if certificate is None else certificate.name
+        raise Refused(f"it presented {shown}; this server needs client-N or edge-N")
+    certified_kind, number = certificate.identity
+    if certified_kind != kind:
+        raise Refused(f"its certificate names {certificate.name}; this server serves {kind}s")
+    if declared is not None and declared != number:
+        raise Refused(f"its certificate names {certificate.name}, it declared "
+                      f"{KIND_PROPERTY[kind]} {declared}")
+    return PeerIdentity(kind, number, True, examples)
+
+
 def fit_ins_wire_size(ins: FitIns) -> int:
     """Size of the serialised ``ServerMessage`` that carried ``ins`` (what the server metered)."""
     return ServerMessage(fit_ins=serde.fit_ins_to_proto(ins)).ByteSize()
@@ -232,22 +427,59 @@ def start_flower_server(
     meter: TrafficMeter,
     max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
     certificates: tuple[bytes, bytes, bytes] | None = None,
+    admission: Admission | None = None,
 ) -> grpc.Server:
     """Start Flower's gRPC bidirectional-stream server with metered bridges (non-blocking).
 
-    This is ``flwr.server.superlink.fleet.grpc_bidi.start_grpc_server`` with one change: the
-    servicer builds metered bridges.
+    This is ``flwr.server.superlink.fleet.grpc_bidi.start_grpc_server`` with two changes: the
+    servicer builds metered bridges, and with an ``admission`` it identifies every peer
+    (mutual TLS when ``admission.certified``: see the module docstring).
     """
-    servicer = FlowerServiceServicer(
-        client_manager, grpc_bridge_factory=lambda: _MeteredBridge(meter)
-    )
-    server = generic_create_grpc_server(
-        servicer_and_add_fn=(servicer, add_FlowerServiceServicer_to_server),
-        server_address=address,
-        max_message_length=max_message_length,
-        certificates=certificates,
-    )
+    if admission is None:
+        servicer = FlowerServiceServicer(
+            client_manager, grpc_bridge_factory=lambda: _MeteredBridge(meter)
+        )
+    else:
+        servicer = _IdentifyingServicer(client_manager, meter, admission)
+    if certificates is not None and admission is not None and admission.certified:
+        server = _mutual_tls_server(servicer, address, max_message_length, certificates)
+    else:
+        server = generic_create_grpc_server(
+            servicer_and_add_fn=(servicer, add_FlowerServiceServicer_to_server),
+            server_address=address,
+            max_message_length=max_message_length,
+            certificates=certificates,
+        )
     server.start()
+    return server
+
+
+MAX_CONCURRENT_WORKERS = 1000  # Flower's default
+KEEPALIVE_TIME_MS = 210_000  # Flower's: some clouds drop TCP connections idle for 4 minutes
+
+
+def _mutual_tls_server(servicer: FlowerServiceServicer, address: str, max_message_length: int,
+                       certificates: tuple[bytes, bytes, bytes]) -> grpc.Server:
+    """Flower's ``generic_create_grpc_server`` with ``require_client_auth=True``: the same
+    options, and peers must present a certificate signed by the CA of ``certificates``."""
+    if is_port_in_use(address):
+        sys.exit(f"Port in server address {address} is already in use.")
+    options = [
+        ("grpc.max_concurrent_streams", max(100, MAX_CONCURRENT_WORKERS)),
+        ("grpc.max_send_message_length", max_message_length),
+        ("grpc.max_receive_message_length", max_message_length),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_WORKERS),
+                         maximum_concurrent_rpcs=MAX_CONCURRENT_WORKERS, options=options)
+    add_FlowerServiceServicer_to_server(servicer, server)
+    ca, certificate, key = certificates
+    credentials = grpc.ssl_server_credentials(((key, certificate),), root_certificates=ca,
+                                              require_client_auth=True)
+    port = server.add_secure_port(address, credentials)
+    server.bound_address = f"{address.rpartition(':')[0]}:{port}"
     return server
 
 
@@ -262,6 +494,9 @@ class BoundedClientManager(SimpleClientManager):
       Flower's ``random.sample``, not by connection order, so the same seed picks the same
       peers in the same order whatever order they connected in (or reconnected, after a
       crash).
+    * Identified peers only: a peer of :func:`start_flower_server` counts as connected once
+      the server knows who it is (``proxy.peer_identity``, from its certificate under mutual
+      TLS) and accepted it; a refused one never counts.
     """
 
     def __init__(self, max_wait: float, identify_timeout: float | None = None) -> None:
@@ -270,10 +505,83 @@ class BoundedClientManager(SimpleClientManager):
         # An edge answers once its own clients are connected: as long as a peer wait.
         self.identify_timeout = max_wait if identify_timeout is None else identify_timeout
         self._identities: dict[str, tuple[int, str]] = {}
+        self._joining: set[str] = set()  # peers of our servicer being identified
+        self._lock = threading.Lock()
+
+    def register(self, client: ClientProxy) -> bool:
+        """A peer of this project's servers is identified first, in the background (its
+        stream must run for it to answer), and counts as connected only once accepted;
+        other proxies (tests register fakes) are registered as by Flower."""
+        if not isinstance(client, _PeerProxy):
+            return super().register(client)
+        with self._lock:
+            if client.cid in self.clients or client.cid in self._joining:
+                return False
+            self._joining.add(client.cid)
+        self._changed()
+        threading.Thread(target=self._admit, args=(client,), daemon=True,
+                         name=f"identify-{client.cid[:8]}").start()
+        return True
+
+    def _admit(self, proxy: _PeerProxy) -> None:
+        """Identify ``proxy``; add it to the clients, or refuse it with one line."""
+        try:
+            identity = establish_identity(self._properties(proxy), proxy.certificate,
+                                          proxy.admission)
+        except Refused as refusal:
+            log.warning("refused a peer: %s", refusal)
+            proxy.refuse(str(refusal))
+            with self._lock:
+                self._joining.discard(proxy.cid)
+            self._changed()
+            return
+        if identity is not None:
+            proxy.peer_identity = identity
+        with self._lock:  # with unregister's: a peer that left is never added
+            if proxy.cid not in self._joining:
+                return  # it left while it was being identified
+            self._joining.discard(proxy.cid)
+            super().register(proxy)
+
+    def _properties(self, proxy: ClientProxy) -> dict[str, Scalar]:
+        """What a peer says about itself (nothing when it does not say)."""
+        try:
+            return dict(proxy.get_properties(GetPropertiesIns(config={}),
+                                             timeout=self.identify_timeout,
+                                             group_id=None).properties)
+        except Exception as error:  # noqa: BLE001 - an unknown peer still may take part
+            log.warning("peer %s did not say who it is (%r)", proxy.cid, error)
+            return {}
 
     def unregister(self, client: ClientProxy) -> None:
+        with self._lock:
+            self._joining.discard(client.cid)
         self._identities.pop(client.cid, None)
         super().unregister(client)
+        self._changed()
+
+    @property
+    def identifying(self) -> int:
+        """Peers connected and being identified (not yet counted as available)."""
+        return len(self._joining)
+
+    def _changed(self) -> None:
+        """Wake the waits: a peer arrived, was identified, refused or left."""
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        """Flower's wait for ``num_clients`` accepted peers, where a peer being identified
+        counts as arrived within ``timeout`` and then has ``identify_timeout`` more to be
+        accepted: an edge says who it is once its own clients are connected, so a slow
+        client delays its edge's identification, not the cloud's deadline for edges."""
+        with self._cv:
+            arrived = self._cv.wait_for(
+                lambda: len(self.clients) + len(self._joining) >= num_clients, timeout=timeout)
+            if arrived:
+                self._cv.wait_for(lambda: len(self.clients) >= num_clients or not self._joining,
+                                  timeout=self.identify_timeout)
+            return len(self.clients) >= num_clients
 
     def sample(self, num_clients: int, min_num_clients: int | None = None,
                criterion=None) -> list[ClientProxy]:
@@ -292,7 +600,11 @@ class BoundedClientManager(SimpleClientManager):
         return [connected[cid] for cid in random.sample(available, num_clients)]
 
     def identity(self, proxy: ClientProxy) -> tuple[int, str]:
-        """``(declared id, connection id)``; peers that declare none sort last."""
+        """``(id, connection id)``: the established identity's number, else the declared id
+        (asked once per connection); peers that declare none sort last."""
+        established = peer_identity(proxy)
+        if established is not None:
+            return (established.number, proxy.cid)
         if proxy.cid not in self._identities:
             declared = 1 << 62
             try:
@@ -390,12 +702,61 @@ class _Backoff:
         return True
 
 
+_OWN_CERTIFICATE = threading.local()  # (certificate chain, key) of this thread's client
+_flower_create_channel = _flower_connection.create_channel
+
+
+def _create_channel(server_address: str, insecure: bool,
+                    root_certificates: bytes | None = None,
+                    max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
+                    interceptors=None) -> grpc.Channel:
+    """Flower's ``create_channel``, presenting this thread's client certificate if it has
+    one (Flower's own cannot present any)."""
+    own = getattr(_OWN_CERTIFICATE, "pair", None)
+    if own is None or insecure:
+        return _flower_create_channel(server_address, insecure, root_certificates,
+                                      max_message_length, interceptors)
+    chain, key = own
+    credentials = grpc.ssl_channel_credentials(root_certificates, private_key=key,
+                                               certificate_chain=chain)
+    options = [("grpc.max_send_message_length", max_message_length),
+               ("grpc.max_receive_message_length", max_message_length)]
+    channel = grpc.secure_channel(server_address, credentials, options=options)
+    if interceptors is not None:
+        channel = grpc.intercept_channel(channel, *interceptors)
+    return channel
+
+
+def _install_certificate_hook() -> None:
+    """Put :func:`_create_channel` where Flower's ``grpc_connection`` looks it up (once)."""
+    _flower_connection.create_channel = _create_channel
+
+
+@contextlib.contextmanager
+def _presenting(client_certificate: tuple[bytes, bytes] | None) -> Iterator[None]:
+    """This thread's connections present ``client_certificate`` while in the block."""
+    _install_certificate_hook()
+    before = getattr(_OWN_CERTIFICATE, "pair", None)
+    _OWN_CERTIFICATE.pair = client_certificate
+    try:
+        yield
+    finally:
+        _OWN_CERTIFICATE.pair = before
+
+
+class PeerRefused(ConnectionError):
+    """The server refused this peer (its certificate, its declared id, a revocation)."""
+
+
 def _refuse_for_good(error: grpc.RpcError, address: str, max_message_length: int,
                      root_certificates: bytes | None) -> None:
     """Raise for the errors that retrying cannot fix."""
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         raise ConnectionError(message_too_large(address, max_message_length,
                                                 str(error.details()))) from None
+    if error.code() == grpc.StatusCode.PERMISSION_DENIED:
+        raise PeerRefused(f"the Flower server at {address} refused this peer: "
+                          f"{error.details()}") from None
     if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         raise error
     if "handshake failed" in str(error.details()).lower():
@@ -410,6 +771,7 @@ def connect_client(
     max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
     root_certificates: bytes | None = None,
     max_wait_time: float = 120.0,
+    client_certificate: tuple[bytes, bytes] | None = None,
 ) -> None:
     """Connect ``client`` to a Flower gRPC server and serve it until told to disconnect.
 
@@ -417,11 +779,20 @@ def connect_client(
     refusal surfaces at the first read), so the retry lives here: an unreachable server is
     tried again with exponential back-off for up to ``max_wait_time`` seconds; a session
     that ran (the server went away later) restarts that clock, so a client rejoins a
-    server that comes back.
+    server that comes back. ``client_certificate``: ``(certificate chain, key)`` PEM this
+    client presents (mutual TLS).
     """
     quiet_closed_channel_watchers()
+    with _presenting(client_certificate):
+        _connect(address, client, max_message_length, root_certificates, max_wait_time)
+
+
+def _connect(address: str, client: Client, max_message_length: int,
+             root_certificates: bytes | None, max_wait_time: float) -> None:
+    """The retry loop of :func:`connect_client`."""
     backoff = _Backoff(max_wait_time)
     counter = _SessionCounter(client)
+    closed = _HandshakeClosures(address, root_certificates)
     while True:
         messages_before = counter.messages
         try:
@@ -436,6 +807,8 @@ def connect_client(
             return
         except grpc.RpcError as error:
             _refuse_for_good(error, address, max_message_length, root_certificates)
+            session = counter.messages > messages_before
+            closed.count(error, session)
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 # The server stopped waiting for this client's answer (its round timeout)
                 # and closed the session; the client is still wanted in later rounds.
@@ -443,7 +816,7 @@ def connect_client(
                             error.details())
                 backoff.restart()
                 continue
-            if counter.messages > messages_before:
+            if session:
                 log.warning("the session with the server at %s ended (%s); rejoining",
                             address, error.details())
                 backoff.restart()
@@ -453,6 +826,37 @@ def connect_client(
                     f"cannot reach the Flower server at {address} "
                     f"(gave up after {max_wait_time:.0f} s): {error.details()}{hint}"
                 ) from None
+
+
+HANDSHAKE_CLOSURES = 3  # in a row, before any session: the server refuses this certificate
+
+
+class _HandshakeClosures:
+    """A TLS server that requires client certificates closes the connection of a client whose
+    certificate it refuses (none, another CA's, expired) right after the handshake; the
+    client sees only "Socket closed". A server that is not up refuses the TCP connection
+    instead, so a few such closures in a row, before any session, are a refusal for good."""
+
+    def __init__(self, address: str, root_certificates: bytes | None) -> None:
+        self.address = address
+        self.tls = root_certificates is not None
+        self.in_a_row = 0
+
+    def count(self, error: grpc.RpcError, session: bool) -> None:
+        closed = (error.code() == grpc.StatusCode.UNAVAILABLE
+                  and "socket closed" in str(error.details()).lower())
+        self.in_a_row = self.in_a_row + 1 if self.tls and closed and not session else 0
+        if self.in_a_row < HANDSHAKE_CLOSURES:
+            return
+        own = getattr(_OWN_CERTIFICATE, "pair", None)
+        presented = ("this client presented none (tls.client_cert is not set)" if own is None
+                     else "this client's tls.client_cert was not accepted")
+        raise PeerRefused(
+            f"the Flower server at {self.address} closed the TLS connection {self.in_a_row} "
+            f"times in a row before a session began: it requires a client certificate signed "
+            f"by its CA and {presented}; check that tls.client_cert and tls.client_key were "
+            "issued by the run's CA (tls.ca_cert), are not expired and are not revoked"
+        ) from None
 
 
 class ServerUnreachable(ConnectionError):
