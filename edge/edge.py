@@ -21,15 +21,16 @@ from typing import Any
 import numpy as np
 
 from fedphd.common.commands.cli import add_config_args, config_from_args
+from fedphd.common.core.models import architecture_to_json, unet_config
 from fedphd.common.federation.held import encode_reply
 from fedphd.common.federation.instructions import client_instruction
 from fedphd.common.federation.rounds import RoundOutcome, round_record, run_fit_round
 from fedphd.common.federation.strategy import (
     ManagedStrategy,
-    build_strategy,
     client_strategy_defaults,
     run_context,
 )
+from fedphd.common.federation.strategy_builder import build_strategy
 from fedphd.common.federation.summary import RoundSummary, add_histograms
 from fedphd.common.settings.config import RunConfig
 from fedphd.common.settings.runtime import seed_everything
@@ -75,6 +76,7 @@ from fedphd.common.wire.transport import (
     GetPropertiesRes,
     Parameters,
     Status,
+    Strategy,
     TrafficMeter,
     connect_client,
     disconnect_all,
@@ -213,15 +215,7 @@ class EdgeAggregator(Client):
         # the global model, including any server-side optimiser state of its strategy.
         topology = self.cfg.topology
         arch_json = str(config[ARCH_KEY])
-        inner = build_strategy(
-            topology.edge_strategy,
-            topology.edge_strategy_args,
-            client_strategy_defaults(
-                topology.fraction_fit, topology.min_fit_clients, global_parameters
-            ),
-            "topology.edge_strategy",
-            run_context(self.cfg, arch_json),
-        )
+        inner = edge_strategy(self.cfg, arch_json, global_parameters)
         carried = self.carried
         if arch_json != carried.client_models_arch:  # pruned: what clients held is moot
             carried.client_models, carried.client_models_arch = {}, arch_json
@@ -308,8 +302,28 @@ class EdgeAggregator(Client):
         self.grpc_server.stop(grace=2).wait(5)
 
 
+def edge_strategy(cfg: RunConfig, arch_json: str, global_parameters: Parameters) -> Strategy:
+    """``topology.edge_strategy`` for one cloud round, starting from the global model."""
+    topology = cfg.topology
+    return build_strategy(
+        topology.edge_strategy,
+        topology.edge_strategy_args,
+        client_strategy_defaults(topology.fraction_fit, topology.min_fit_clients,
+                                 global_parameters),
+        "topology.edge_strategy",
+        run_context(cfg, arch_json),
+    )
+
+
+def check_edge_strategy(cfg: RunConfig) -> None:
+    """Build the edge strategy once at start (for the configured, unpruned model), so a
+    configuration it refuses stops the edge now, in one line, not at its first cloud round."""
+    edge_strategy(cfg, architecture_to_json(unet_config(cfg.model)), ndarrays_to_parameters([]))
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    check_edge_strategy(cfg)
     seed_everything(cfg.seed + 100 + args.edge_id)
     listen = args.listen or edge_address(args.edge_id, cfg.topology)
     cloud = args.cloud or cloud_address(cfg.topology)

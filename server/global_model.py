@@ -16,10 +16,10 @@ from fedphd.common.federation.held import Rebuilt
 from fedphd.common.federation.instructions import client_instruction
 from fedphd.common.federation.strategy import (
     ManagedStrategy,
-    build_strategy,
     client_strategy_defaults,
     run_context,
 )
+from fedphd.common.federation.strategy_builder import build_strategy
 from fedphd.common.settings.config import ConfigError, RunConfig
 from fedphd.common.wire import codec
 from fedphd.common.wire.keys import ARCH_KEY, EDGE_ROUNDS_KEY

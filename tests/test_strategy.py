@@ -10,9 +10,9 @@ from flwr.server.strategy import FedAdam, FedAvg
 
 from fedphd.common.federation.strategy import (
     ManagedStrategy,
-    build_strategy,
     client_strategy_defaults,
 )
+from fedphd.common.federation.strategy_builder import build_strategy
 from fedphd.common.settings.config import ConfigError, load_config
 from fedphd.common.wire import codec
 from fedphd.common.wire.keys import ARCH_KEY, ROUND_KEY, UPLINK_KEY
@@ -155,7 +155,7 @@ def test_float64_results_of_the_inner_strategy_are_cast_back():
 def test_build_strategy_errors_name_the_field():
     with pytest.raises(ConfigError, match="topology.edge_strategy.*cannot be imported"):
         build_strategy("nowhere.Nothing", {}, {}, "topology.edge_strategy")
-    with pytest.raises(ConfigError, match="is not a flwr.server.strategy.Strategy"):
+    with pytest.raises(ConfigError, match="is neither a flwr.server.strategy.Strategy nor"):
         build_strategy("json.JSONDecoder", {}, {}, "topology.cloud_strategy")
     with pytest.raises(ConfigError, match="rejected its arguments"):
         build_strategy("flwr.server.strategy.FedAvg", {"no_such_arg": 1}, {},

@@ -10,9 +10,11 @@ object is ever loaded.
 
 A strategy's state is its ``state_dict()`` when it has one (with ``load_state_dict(state)``
 to restore it), otherwise its data attributes: numbers, strings, numpy arrays, tensors, numpy
-generators, Flower ``Parameters`` and lists/tuples/dicts of those (Flower's FedAdam moments,
-FedAvgM's momentum, SCAFFOLD's control variate, ...). Callables are configuration, not state,
-and are skipped; any other attribute is skipped with a warning naming it.
+generators, Flower ``Parameters`` / ``ArrayRecord`` and lists/tuples/dicts of those (Flower's
+FedAdam moments, FedAvgM's momentum, SCAFFOLD's control variate, ...). An attribute that is
+itself a strategy (a wrapper's ``strategy``: Flower's DP wrappers, the message-API adapter) is
+saved as that strategy's state, recursively. Callables are configuration, not state, and are
+skipped; any other attribute is skipped with a warning naming it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedphd.common.federation.strategy import modern_path
+from fedphd.common.federation.strategy_builder import modern_path
 from fedphd.common.settings.config import ConfigError, RunConfig
-from fedphd.common.wire.transport import Parameters
+from fedphd.common.wire.transport import (
+    Array,
+    ArrayRecord,
+    MessageStrategy,
+    Parameters,
+    Strategy,
+)
 
 log = logging.getLogger("fedphd.checkpoint")
 
@@ -85,6 +93,8 @@ _STORABLE: list[tuple[type | tuple[type, ...], Any]] = [
     (np.random.Generator, lambda value: {"__np_generator__": value.bit_generator.state}),
     (Parameters, lambda value: {"__parameters__": value.tensor_type,
                                 "tensors": list(value.tensors)}),
+    (ArrayRecord, lambda value: {"__arrayrecord__": {
+        key: _storable_array(array.numpy()) for key, array in value.items()}}),
     ((list, tuple), _storable_sequence),
     (dict, _storable_dict),
 ]
@@ -112,6 +122,9 @@ def from_storable(value: Any) -> Any:
             return generator
         if "__parameters__" in value:
             return Parameters(tensors=list(value["tensors"]), tensor_type=value["__parameters__"])
+        if "__arrayrecord__" in value:
+            return ArrayRecord({key: Array(item["__ndarray__"].numpy())
+                                for key, item in value["__arrayrecord__"].items()})
         return {key: from_storable(item) for key, item in value.items()}
     if isinstance(value, list):
         return [from_storable(item) for item in value]
@@ -120,13 +133,21 @@ def from_storable(value: Any) -> Any:
     return value
 
 
+def transient_attributes(strategy: Any) -> tuple[str, ...]:
+    """Attributes a strategy class declares per-round scratch (``transient_state``), not state."""
+    return tuple(getattr(type(strategy), "transient_state", ()))
+
+
 def strategy_state(strategy: Any) -> dict[str, Any]:
     """The strategy's state, storable (see the module docstring)."""
     if callable(getattr(strategy, "state_dict", None)):
         return {"explicit": True, "state": to_storable(strategy.state_dict())}
     state = {}
     for name, value in vars(strategy).items():
-        if callable(value) or name in GIVEN_BY_DRIVER:
+        if isinstance(value, Strategy | MessageStrategy):
+            state[name] = {"__strategy__": strategy_state(value)}
+            continue
+        if callable(value) or name in GIVEN_BY_DRIVER or name in transient_attributes(strategy):
             continue
         try:
             state[name] = to_storable(value)
@@ -139,12 +160,14 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
 
 def restore_strategy(strategy: Any, saved: dict[str, Any]) -> None:
     """Put a state from :func:`strategy_state` back into a freshly built strategy."""
-    state = from_storable(saved["state"])
     if saved["explicit"]:
-        strategy.load_state_dict(state)
+        strategy.load_state_dict(from_storable(saved["state"]))
         return
-    for name, value in state.items():
-        setattr(strategy, name, value)
+    for name, value in saved["state"].items():
+        if isinstance(value, dict) and "__strategy__" in value:
+            restore_strategy(getattr(strategy, name), value["__strategy__"])
+        else:
+            setattr(strategy, name, from_storable(value))
 
 
 def random_state() -> dict[str, Any]:

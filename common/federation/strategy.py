@@ -21,7 +21,8 @@ Flower's DP wrappers do and adds what every run needs whatever the aggregation r
   ``FitIns.config`` gets only those tensors on the wire, both ways; its ``aggregate_fit`` then
   receives each answer's returned tensors only, in wire order.
 
-Drivers offer every strategy constructor, where it takes them, the run's context:
+Drivers build the strategy by dotted path (:mod:`fedphd.common.federation.strategy_builder`, either
+Flower API) and offer every strategy constructor, where it takes them, the run's context:
 ``tensor_names`` (state-dict keys in wire order), ``architecture`` (the U-Net's JSON) and
 ``run_config`` (the whole :class:`~fedphd.common.settings.config.RunConfig`). A strategy may set
 ``evaluate_global_model = False`` when the server's model is not a usable model on its own
@@ -31,8 +32,6 @@ Drivers offer every strategy constructor, where it takes them, the run's context
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +57,7 @@ from fedphd.common.federation.validation import (
     describe_failure,
     sender_name,
 )
-from fedphd.common.settings.config import CodecConfig, ConfigError, TopologyConfig
+from fedphd.common.settings.config import CodecConfig, TopologyConfig
 from fedphd.common.wire import codec
 from fedphd.common.wire.keys import (
     ARCH_KEY,
@@ -87,69 +86,7 @@ from fedphd.common.wire.transport import (
 log = logging.getLogger("fedphd.strategy")
 
 
-# Import roots of the package before it was installed as ``fedphd`` (configs and checkpoints
-# written then name e.g. ``server.fedphd.FedPhD``).
-OLD_ROOTS = ("common.", "server.", "edge.", "client.")
-
-
-def modern_path(dotted: str) -> str:
-    """``dotted`` with a pre-``fedphd`` root mapped (``server.x.Y`` -> ``fedphd.server.x.Y``)."""
-    return f"fedphd.{dotted}" if dotted.startswith(OLD_ROOTS) else dotted
-
-
-def import_object(dotted: str, field_name: str) -> Any:
-    """Import ``package.module.Name``; a failure names the config field that asked for it.
-
-    A path of the old layout (``server.fedphd.FedPhD``) that does not import as written is
-    taken as its ``fedphd.`` equivalent, with a warning saying what to write instead."""
-    try:
-        return _import(dotted)
-    except (ImportError, AttributeError, ValueError) as error:
-        if modern_path(dotted) != dotted:
-            try:
-                found = _import(modern_path(dotted))
-            except (ImportError, AttributeError, ValueError):
-                pass
-            else:
-                log.warning("%s = %r is the old layout's path; write %r", field_name, dotted,
-                            modern_path(dotted))
-                return found
-        raise ConfigError(f"{field_name} = {dotted!r} cannot be imported: {error}") from None
-
-
-def _import(dotted: str) -> Any:
-    module_name, _, attr = dotted.rpartition(".")
-    return getattr(importlib.import_module(module_name), attr)
-
-
 DEFAULT_EXAMPLES_FACTOR = float(TopologyConfig.model_fields["max_examples_factor"].default)
-
-
-def build_strategy(
-    dotted: str, user_kwargs: dict[str, Any], defaults: dict[str, Any], field_name: str,
-    context: dict[str, Any] | None = None,
-) -> Strategy:
-    """Instantiate a ``flwr.server.strategy.Strategy`` subclass by dotted path.
-
-    ``defaults`` (fractions, minimum clients, initial parameters) are passed only where the
-    class's constructor accepts them (by name or ``**kwargs``); ``context`` (see
-    :func:`run_context`) only to parameters named so, since a ``**kwargs`` constructor usually
-    forwards to Flower's; ``user_kwargs`` (from the config) are passed as given.
-    """
-    cls = import_object(dotted, field_name)
-    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
-        raise ConfigError(f"{field_name} = {dotted!r} is not a flwr.server.strategy.Strategy")
-    params = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in defaults.items() if takes_any or k in params}
-    kwargs.update({k: v for k, v in (context or {}).items() if k in params})
-    kwargs.update(user_kwargs)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError, AssertionError) as error:
-        raise ConfigError(
-            f"{field_name} = {dotted!r} rejected its arguments {sorted(kwargs)}: {error}"
-        ) from None
 
 
 def add_to_config(

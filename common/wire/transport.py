@@ -51,6 +51,16 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import (
     Code,
     EvaluateIns,
@@ -79,7 +89,9 @@ from flwr.server import Server, SimpleClientManager
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.server import evaluate_clients, fit_clients, reconnect_clients
+from flwr.server.strategy import Bulyan as LegacyBulyan
 from flwr.server.strategy import FedAvg, Strategy
+from flwr.server.strategy import QFedAvg as LegacyQFedAvg
 from flwr.server.strategy.aggregate import aggregate
 from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import (
     FlowerServiceServicer,
@@ -92,6 +104,8 @@ from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import (
     ResWrapper,
 )
 from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy as MessageStrategy
 from flwr.supercore.address import is_port_in_use
 from flwr.supercore.grpc import generic_create_grpc_server
 from iterators import TimeoutIterator
@@ -110,6 +124,19 @@ from flwr.compat.client.client import Client  # noqa: E402
 
 __all__ = [
     "Admission",
+    "Array",
+    "ArrayRecord",
+    "ConfigRecord",
+    "Error",
+    "Grid",
+    "LegacyBulyan",
+    "LegacyQFedAvg",
+    "Message",
+    "MessageStrategy",
+    "MessageType",
+    "MetricRecord",
+    "RecordDict",
+    "ensure_task_identity",
     "BoundedClientManager",
     "PeerRefused",
     "FedAvg",
@@ -259,6 +286,25 @@ def peer_identity(proxy: ClientProxy) -> PeerIdentity | None:
     """The identity the server established for ``proxy`` (None: not established, e.g. a
     peer that declared nothing on a link without client certificates)."""
     return getattr(proxy, "peer_identity", None)
+
+
+# --- Message-API strategies --------------------------------------------------------------
+
+# The node id Flower gives the server side (``flwr.common.constant.SUPERLINK_NODE_ID``).
+SERVER_NODE_ID = 1
+
+
+def ensure_task_identity() -> None:
+    """Give this process the task identity Flower's ``Message`` constructor reads.
+
+    A ServerApp process gets it from the SuperLink; a FedPhD server drives message-API
+    strategies without one, so the run and task ids are 0 and the node is the server's.
+    An identity already set (a process that really is a Flower task) is kept."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 0), ("_task_id", 0), ("_node_id", SERVER_NODE_ID)):
+        if getattr(TaskIdentity, name) is None:
+            setattr(TaskIdentity, name, value)
 
 
 # --- Mutual TLS: who a peer is ------------------------------------------------------------
