@@ -3,7 +3,8 @@
 ``L_k(w) = L_ddpm(w) + (mu / 2) * ||w - w_global||^2``, whose gradient adds
 ``mu * (w - w_global)`` and pulls local training towards the model the server sent. The server
 side is Flower's own ``flwr.server.strategy.FedProx``, which puts ``proximal_mu`` into every
-fit instruction; any strategy may send that key.
+fit instruction, or the message API's ``flwr.serverapp.strategy.FedProx``, which sends
+``proximal-mu``; any strategy may send either key.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from fedphd.client.method import Instruction, LocalMethod, RoundTerm
-from fedphd.common.wire.keys import PROXIMAL_MU_KEY
+from fedphd.common.wire.keys import MESSAGE_PROXIMAL_MU_KEY, PROXIMAL_MU_KEY
 
 
 def snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -51,11 +52,11 @@ class ProximalRound(RoundTerm):
 
 
 class FedProxLocal(LocalMethod):
-    """Active when the instruction's ``proximal_mu`` is above 0; carries nothing between
-    rounds (the anchor is each round's received model)."""
+    """Active when the instruction's ``proximal_mu`` (or ``proximal-mu``) is above 0; carries
+    nothing between rounds (the anchor is each round's received model)."""
 
     name = "fedprox"
 
     def begin_round(self, model: torch.nn.Module, config: Instruction) -> ProximalRound | None:
-        mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
+        mu = float(config.get(PROXIMAL_MU_KEY, config.get(MESSAGE_PROXIMAL_MU_KEY, 0.0)))
         return ProximalRound(model, mu) if mu > 0 else None

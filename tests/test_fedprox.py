@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -41,15 +43,16 @@ def test_proximal_loss_is_zero_at_the_anchor_and_anchored_when_made():
     assert float(term(model)) == 0.5 * 4  # four weights moved by 1
 
 
-def fit_distance(mu: float | None) -> float:
-    """How far one client's local training moves the weights, with proximal_mu = mu."""
+@functools.lru_cache  # each call trains a client; the tests share the results
+def fit_distance(mu: float | None, key: str = "proximal_mu") -> float:
+    """How far one client's local training moves the weights, with ``key`` = mu."""
     cfg = load_config(None, ["topology.clients=4", "training.warmup_steps=0"])
     model = build_unet(unet_config(ModelConfig()), seed=0)
     start = model_to_ndarrays(model)
     config = {ARCH_KEY: architecture_to_json(architecture_of(model)), LOCAL_STEPS_KEY: 8,
               LR_KEY: 1e-3}
     if mu is not None:
-        config["proximal_mu"] = mu
+        config[key] = mu
     client = DiffusionClient(cfg, 0, local_data(cfg, 0), torch.device("cpu"))
     res = client.fit(FitIns(codec.encode(start, "fp32"), config))
     after = codec.decode(res.parameters)
@@ -60,6 +63,12 @@ def test_clients_with_proximal_mu_stay_closer_to_the_global_model():
     free, prox_zero, prox = fit_distance(None), fit_distance(0.0), fit_distance(50.0)
     assert free == prox_zero  # mu = 0 is plain local training, same seeds, same result
     assert prox < 0.8 * free
+
+
+def test_the_message_api_fedprox_key_is_read_too():
+    """flwr.serverapp.strategy.FedProx sends ``proximal-mu``: the same term, the same result."""
+    assert fit_distance(50.0, "proximal-mu") == fit_distance(50.0)
+    assert fit_distance(50.0, "proximal-mu") < 0.8 * fit_distance(None)
 
 
 def test_fedprox_config_runs_end_to_end(tmp_path, ports):

@@ -33,6 +33,7 @@ MOVE_KEY = "fedphd.move_to"
 # --- Instructions of the methods (server/<method>.py sends, client/<method>.py reads) ----
 GROUP_LASSO_KEY = "fedphd.group_lasso"  # lambda of FedPhD's sparse training, 0 = off
 PROXIMAL_MU_KEY = "proximal_mu"  # the key Flower's FedProx strategy sends
+MESSAGE_PROXIMAL_MU_KEY = "proximal-mu"  # the key of the message API's FedProx
 # SCAFFOLD: the server control variate (instruction) and a client's update of its own (answer).
 SERVER_CONTROL_KEY = "scaffold_c"
 CONTROL_DELTA_KEY = "scaffold_delta_c"
