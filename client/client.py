@@ -47,6 +47,7 @@ from fedphd.common.core.unet_groups import (
 )
 from fedphd.common.data.datasets import DatasetNotFoundError, load_dataset
 from fedphd.common.data.partition import label_histogram, partition
+from fedphd.common.federation.instructions import foreign_server, missing_protocol_key
 from fedphd.common.settings.config import ConfigError, RunConfig
 from fedphd.common.settings.runtime import seed_everything, setup_torch
 from fedphd.common.settings.topology import parse_addresses, server_address_of_client
@@ -191,6 +192,7 @@ class DiffusionClient(Client):
         return GetParametersRes(status=ok_status(), parameters=codec.encode(arrays, "fp32"))
 
     def fit(self, ins: FitIns) -> FitRes:
+        check_protocol(ins.config, "fit")
         try:
             return self._fit(ins)
         except DatasetNotFoundError as error:
@@ -205,8 +207,6 @@ class DiffusionClient(Client):
     def _fit(self, ins: FitIns) -> FitRes:
         received_bytes = fit_ins_wire_size(ins)
         config = ins.config
-        if ARCH_KEY not in config:
-            raise ValueError(f"instruction without {ARCH_KEY!r}: not a server of this project?")
         shared = SharedGroups.of(config)
         self.methods.check(config)  # a malformed instruction changes nothing
         rewind = self.replay.mark(config, self._state)
@@ -288,6 +288,7 @@ class DiffusionClient(Client):
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         """Sample quality of this client's own model holding the shared groups just sent
         (partial sharing: every client's model differs). Samples go to the state folder."""
+        check_protocol(ins.config, "evaluate")
         try:
             result = self._evaluate(ins)
         except Exception as error:  # noqa: BLE001 - report to the server instead of dying
@@ -307,6 +308,23 @@ class DiffusionClient(Client):
                                    group_indices(names, sent)))
         return evaluate_own_model(model, self.trainer.scheduler, self.cfg, self.device,
                                   self.state_dir / "samples.png")
+
+
+class ForeignInstruction(BaseException):
+    """An instruction without the protocol's keys: the server is not one of this project's,
+    and answering it (an error per round) would only keep this client busy for nothing.
+
+    A ``BaseException`` so that it leaves Flower's client loop at once: Flower catches
+    ``Exception`` from a client's ``fit`` only to log a traceback and re-raise it. The
+    session ends there; :func:`serve` turns it into one line and exit status 1."""
+
+
+def check_protocol(config: dict[str, Scalar], message: str) -> None:
+    """Raise :class:`ForeignInstruction` for an instruction that lacks the keys every server
+    of this project sends (:func:`~fedphd.common.federation.instructions.missing_protocol_key`)."""
+    missing = missing_protocol_key(config)
+    if missing is not None:
+        raise ForeignInstruction(f"its {message} instruction has no {missing}")
 
 
 def failed_fit(client_id: int, error: Exception) -> FitRes:
@@ -357,6 +375,9 @@ def serve(client: DiffusionClient, addresses: list[str], wait: float, message_li
             connect_client(address, client, max_wait_time=wait, max_message_length=message_limit,
                            root_certificates=root_certificates,
                            client_certificate=own_certificate)
+        except ForeignInstruction as foreign:
+            # Not retried, nor a fallback tried: the address is wrong, or the server is.
+            raise ForeignServer(foreign_server(address, str(foreign))) from None
         except ServerUnreachable:
             # Every address given up on in a row: nothing left to try.
             given_up += 1
@@ -370,6 +391,11 @@ def serve(client: DiffusionClient, addresses: list[str], wait: float, message_li
             return
         address, client.move_to = client.move_to, None
         log.info("client %d: joining %s", client.client_id, address)
+
+
+class ForeignServer(ConnectionError):
+    """The server this client joined speaks Flower but not this project's protocol (the
+    command line prints the message and exits with status 1)."""
 
 
 def server_addresses(option: str | None) -> list[str]:

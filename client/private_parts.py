@@ -9,7 +9,7 @@ from pathlib import Path
 
 from diffusers import UNet2DModel
 
-from fedphd.common.core.diffusion import load_model, save_model
+from fedphd.common.core.diffusion import is_saved_model, load_model, save_model
 from fedphd.common.core.models import (
     architecture_of,
     architecture_to_json,
@@ -71,7 +71,7 @@ class PrivateParts:
         """Load the saved model into ``model`` when there is one of the same architecture;
         otherwise the private parts start from the run's initial weights."""
         directory = self.directory
-        if not (directory / "config.json").is_file():
+        if not is_saved_model(directory):
             log.info("client %d: no saved model in %s, private parts start from the run's "
                      "initial weights", self.client_id, directory)
             return

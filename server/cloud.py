@@ -30,6 +30,7 @@ from fedphd.common.commands.cli import add_config_args, config_from_args
 from fedphd.common.core.models import build_unet, count_parameters, unet_config
 from fedphd.common.federation.checkpoint import CloudCheckpoint, restore_random_state
 from fedphd.common.federation.rounds import RoundOutcome, run_fit_round
+from fedphd.common.quality.tracking import check_tracking, open_tracker, track_png
 from fedphd.common.settings.config import RunConfig
 from fedphd.common.settings.runtime import progress_bar, seed_everything, setup_torch
 from fedphd.common.settings.topology import cloud_address, is_flat
@@ -73,6 +74,7 @@ class CloudServer:
 
     def run(self) -> int:
         cfg = self.cfg
+        check_tracking(cfg.output)  # a missing optional package fails before anything starts
         seed_everything(cfg.seed)
         device = setup_torch(cfg.training)
         checkpoint = self.checkpoints.load() if self.resume else None
@@ -84,7 +86,9 @@ class CloudServer:
         grpc_server = self._serve()
         if checkpoint is not None:
             MetricsLog.truncate(self.out / METRICS_FILE, checkpoint.metrics_offset)
-        metrics = MetricsLog(self.out / METRICS_FILE)
+        metrics = MetricsLog(self.out / METRICS_FILE, open_tracker(
+            cfg.output, self.out, checkpoint.completed_round if checkpoint else 0,
+            cfg.topology.edge_rounds))
         try:
             return self._run_rounds(metrics, checkpoint, CloudEvaluation(
                 cfg, device, self.global_model, self.meter))
@@ -125,6 +129,8 @@ class CloudServer:
         self._train(metrics, evaluation)
         model = self.global_model.trained().to(evaluation.device)
         finish_run(self.cfg, self.out, model, self.global_model.strategy, self.meter, self.flat)
+        track_png(metrics.tracker, "samples", self.out / "samples.png",
+                  self.cfg.topology.cloud_rounds)
         return 0
 
     def _follow_schedule(self, server_round: int, metrics: MetricsLog) -> None:

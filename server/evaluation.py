@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fedphd.common.core.diffusion import make_noise_scheduler
+from fedphd.common.core.diffusion import make_noise_scheduler, sample_images
 from fedphd.common.federation.rounds import EvaluationOutcome, run_evaluate_round
 from fedphd.common.quality.evaluation import evaluate_model
 from fedphd.common.settings.config import RunConfig
@@ -85,3 +85,13 @@ class CloudEvaluation:
         metrics.write({"tier": "eval", "round": server_round, **result})
         log.info("cloud round %d: fd_classifier %.4g%s", server_round, result["fd_classifier"],
                  f", fid {result['fid']:.4g}" if "fid" in result else "")
+        if metrics.tracker is not None:
+            self._track_samples(metrics, server_round)
+
+    def _track_samples(self, metrics: MetricsLog, server_round: int) -> None:
+        """A grid of the round's model for the experiment tracker (the same seed every
+        round, so the grids show one set of noises denoised by ever better models)."""
+        images = sample_images(self.global_model.trained().to(self.device), self.cfg.diffusion,
+                               self.cfg.output.grid_samples, seed=self.cfg.seed,
+                               steps=self.cfg.evaluation.sampling_steps)
+        metrics.tracker.grid("samples/round", images, server_round)

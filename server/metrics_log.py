@@ -1,4 +1,7 @@
-"""The cloud's ``metrics.jsonl``: one JSON line per round, per edge round, per evaluation."""
+"""The cloud's ``metrics.jsonl``: one JSON line per round, per edge round, per evaluation.
+
+Every line goes through :meth:`MetricsLog.write`, so the run's tracker
+(``output.report_to``, :mod:`fedphd.common.quality.tracking`) sees each one too."""
 
 from __future__ import annotations
 
@@ -6,20 +9,25 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedphd.common.quality.tracking import Tracker
+
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
     """Append-only JSON lines, flushed per line so a watcher (the launcher) sees progress."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tracker: Tracker | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.tracker = tracker
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.tracker is not None:
+            self.tracker.record(record)
 
     def offset(self) -> int:
         """Bytes written so far (a resumed run cuts the lines of an unfinished round)."""
@@ -34,3 +42,5 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+        if self.tracker is not None:
+            self.tracker.close()

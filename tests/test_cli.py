@@ -46,6 +46,11 @@ def test_train_then_sample_write_png_grids(tmp_path):
     assert result.returncode == 0, result.stderr
     width, height = Image.open(grid).size
     assert width == height and width >= 3 * 16
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = fedphd("sample", "--model", str(empty), "--n", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(f"fedphd sample: {empty}")
 
 
 def test_address_flags_accept_every_documented_form_and_refuse_the_rest():

@@ -225,7 +225,7 @@ def check_results(results: Path) -> None:
                    for r in rounds)
 
     cfg = load_config(CONFIG)
-    trained = model_to_ndarrays(UNet2DModel.from_pretrained(results / "model"))
+    trained = model_to_ndarrays(UNet2DModel.from_pretrained(results / "model", subfolder="unet"))
     initial = model_to_ndarrays(build_unet(unet_config(cfg.model), seed=cfg.seed))
     changed = [not np.array_equal(a, b) for a, b in zip(trained, initial, strict=True)]
     assert sum(changed) > 0.9 * len(changed)

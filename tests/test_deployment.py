@@ -35,7 +35,7 @@ def launch(out: Path, ports, *overrides: str, env=None):
 def assert_model_trained(out: Path, overrides: list[str]) -> None:
     """The saved global model loads in diffusers and differs from the initial weights."""
     cfg = load_config(out / "config.toml")
-    trained = model_to_ndarrays(UNet2DModel.from_pretrained(out / "model"))
+    trained = model_to_ndarrays(UNet2DModel.from_pretrained(out / "model", subfolder="unet"))
     initial = model_to_ndarrays(build_unet(unet_config(cfg.model), seed=cfg.seed))
     changed = [not np.array_equal(a, b) for a, b in zip(trained, initial, strict=True)]
     assert sum(changed) > 0.9 * len(changed)

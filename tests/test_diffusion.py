@@ -79,12 +79,13 @@ def test_saved_model_reloads_in_diffusers_and_gives_the_same_output(tmp_path):
     cfg = DiffusionConfig(beta_end=0.03)
     model = tiny_model(seed=4).eval()  # from_pretrained returns a model in eval mode
     save_model(model, cfg, tmp_path / "model")
-    reloaded = UNet2DModel.from_pretrained(tmp_path / "model")
+    reloaded = UNet2DModel.from_pretrained(tmp_path / "model", subfolder="unet")
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 700])
     with torch.no_grad():
         assert torch.equal(model(x, t).sample, reloaded(x, t).sample)
-    # The noise schedule is saved beside the weights and loads with the scheduler class.
-    assert DDPMScheduler.from_pretrained(tmp_path / "model").config.beta_end == 0.03
+    # The noise schedule is saved in scheduler/ beside unet/ and loads with its class.
+    schedule = DDPMScheduler.from_pretrained(tmp_path / "model", subfolder="scheduler")
+    assert schedule.config.beta_end == 0.03
     _, scheduler = load_model(tmp_path / "model")
     assert scheduler.config.num_train_timesteps == cfg.num_train_timesteps
     # And diffusers' own pipeline runs it.

@@ -28,10 +28,10 @@ from fedphd.common.core.unet_groups import (
 )
 from fedphd.common.federation.strategy import (
     ManagedStrategy,
-    build_strategy,
     client_strategy_defaults,
     run_context,
 )
+from fedphd.common.federation.strategy_builder import build_strategy
 from fedphd.common.settings.config import ModelConfig, load_config
 from fedphd.common.wire import codec
 from fedphd.common.wire.keys import (
@@ -257,7 +257,8 @@ def test_client_keeps_private_parts_on_disk_across_a_restart(tmp_path):
     trained = model_to_ndarrays(first.trainer.model)
     initial = model_to_ndarrays(TINY)
     assert any(not np.array_equal(trained[i], initial[i]) for i in private)  # trained locally
-    assert (tmp_path / "client-1" / "model" / "diffusion_pytorch_model.safetensors").is_file()
+    saved = tmp_path / "client-1" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert saved.is_file()
 
     # A restarted client (new process state, same disk) trains only the decoder this time:
     # its private parts must be exactly those it saved, not the run's initial weights.
@@ -331,7 +332,7 @@ def test_feddiffuse_configs_run_end_to_end(mode, tmp_path, ports):
         assert [r["tier"] for r in evals] == ["client-eval"]
         assert sorted(evals[0]["per_client"]) == [f"client {c}" for c in range(4)]
         for c in range(4):
-            assert (out / "clients" / f"client-{c}" / "model" / "config.json").is_file()
+            assert (out / "clients" / f"client-{c}" / "model" / "model_index.json").is_file()
             assert (out / "clients" / f"client-{c}" / "samples.png").is_file()
         assert not (out / "samples.png").exists()
     else:

@@ -253,7 +253,8 @@ def test_too_few_clients_fill_as_many_edges_as_possible(caplog):
 
 
 def test_fedphd_takes_the_minimum_from_the_run_config():
-    from fedphd.common.federation.strategy import build_strategy, run_context
+    from fedphd.common.federation.strategy import run_context
+    from fedphd.common.federation.strategy_builder import build_strategy
 
     cfg = load_config(overrides=["topology.min_clients_per_edge=3"])
     strategy = build_strategy("fedphd.server.fedphd.FedPhD", {}, {}, "topology.cloud_strategy",

@@ -30,7 +30,7 @@ def test_fedphd_prunes_reassigns_and_weights_edges(tmp_path, ports):
     model = load_pretrained(out / "model")
     assert isinstance(model, PrunedUNet2DModel)
     assert count_parameters(model) == pruning[0]["params_after"]
-    assert PrunedUNet2DModel.from_pretrained(out / "model").config.pruned_shapes
+    assert PrunedUNet2DModel.from_pretrained(out / "model" / "unet").config.pruned_shapes
 
     # Every message carries the pruned model: 4 bytes per remaining parameter, plus the
     # instruction (its architecture JSON lists the pruned shapes: tens of kB).
@@ -78,7 +78,7 @@ def test_sparse_training_then_pruning(tmp_path, ports):
     cloud = [r for r in records if r["tier"] == "cloud"]
     # Round 1 trains the dense model with group lasso, round 2 the pruned one.
     assert cloud[1]["bytes"]["cloud->edge"] < 0.65 * cloud[0]["bytes"]["cloud->edge"]
-    assert json.loads((out / "model" / "config.json").read_text())["pruned_shapes"]
+    assert json.loads((out / "model" / "unet" / "config.json").read_text())["pruned_shapes"]
 
 
 def test_prune_command_reports_the_reference_unet(tmp_path):

@@ -141,4 +141,4 @@ def test_launch_runs_from_a_folder_holding_its_own_common_server_and_client(tmp_
     assert "package was imported" not in logs + result.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records if r["tier"] == "cloud"] == [1]
-    assert (out / "model" / "config.json").is_file()
+    assert (out / "model" / "model_index.json").is_file()

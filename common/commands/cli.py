@@ -7,11 +7,11 @@ pyproject.toml, so this module never imports a role package (cloud, edge, client
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from fedphd.common.settings.config import ConfigError, RunConfig, load_config
+from fedphd.common.settings.logs import configure_logging
 from fedphd.common.settings.topology import parse_address, parse_addresses
 
 COMMAND_GROUP = "fedphd.commands"
@@ -87,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"fedphd {args.command}: {error}", file=sys.stderr)
         return 2  # argparse's code for a bad command line
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # After build_parser: loading the sub-commands imported Flower, whose handler goes here.
+    configure_logging(verbose=args.verbose)
     from fedphd.common.data.datasets import (
         DatasetNotFoundError,  # heavy (torch): only once a command runs
     )

@@ -30,7 +30,9 @@ import tomli_w
 
 from fedphd.common.commands.cli import add_config_args, config_from_args
 from fedphd.common.data.partition import check_run_partition
+from fedphd.common.quality.tracking import check_tracking
 from fedphd.common.settings.config import RunConfig
+from fedphd.common.settings.logs import verbosity_args
 from fedphd.common.settings.runtime import progress_bar
 from fedphd.common.settings.topology import (
     cloud_address,
@@ -117,7 +119,7 @@ def own_certificate(cfg: RunConfig, peer: str) -> list[str]:
 
 def plan_roles(cfg: RunConfig, config_path: Path, out: Path) -> list[Role]:
     """Command lines of the cloud, the edges and the clients."""
-    base = [sys.executable, "-m", "fedphd.common.commands.cli"]
+    base = [sys.executable, "-m", "fedphd.common.commands.cli", *verbosity_args()]
     common = ["--config", str(config_path)]
     topology = cfg.topology
     roles = [
@@ -237,6 +239,7 @@ def launch(cfg: RunConfig, out: Path, timeout: float) -> int:
             bar.update(cloud_rounds_done(metrics_path) - bar.n)
             time.sleep(POLL_SECONDS)
         bar.update(cloud_rounds_done(metrics_path) - bar.n)
+        bar.close()  # before the lines below, so a terminal's bar is not redrawn under them
         if cloud.returncode != 0:
             log.error("the cloud exited with %s. Its log ends with:\n%s", cloud.returncode,
                       last_lines(cloud.log_path))
@@ -266,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cfg = config_from_args(args)
     check_run_partition(cfg)  # an impossible split stops here, before any process starts
+    check_tracking(cfg.output)  # so does output.report_to without its optional package
     out = Path(args.out or cfg.output.dir)
     return launch(cfg, out, args.timeout)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from fedphd.common.commands.cli import add_config_args, config_from_args
 from fedphd.common.core.diffusion import load_model, sample_images
@@ -13,7 +14,11 @@ from fedphd.common.settings.runtime import setup_torch
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     device = setup_torch(cfg.training, args.device)
-    model, noise_scheduler = load_model(args.model)
+    try:
+        model, noise_scheduler = load_model(args.model)
+    except FileNotFoundError as error:  # one line naming the folder, as fedphd evaluate
+        print(f"fedphd sample: {error}", file=sys.stderr)
+        return 2
     images = sample_images(
         model.to(device),
         cfg.diffusion,

@@ -19,6 +19,7 @@ from fedphd.common.core.diffusion import (
 from fedphd.common.core.images import save_grid
 from fedphd.common.core.models import build_unet, count_parameters, unet_config
 from fedphd.common.data.datasets import load_dataset
+from fedphd.common.quality.tracking import check_tracking, track_training
 from fedphd.common.settings.config import RunConfig
 from fedphd.common.settings.runtime import progress_bar, seed_everything, setup_torch
 
@@ -27,6 +28,7 @@ log = logging.getLogger("fedphd.train")
 
 def train_centrally(cfg: RunConfig, steps: int, out: Path) -> dict:
     """Train one model on all training images for ``steps`` steps; save model and samples."""
+    check_tracking(cfg.output)  # a missing optional package fails before training
     seed_everything(cfg.seed)
     device = setup_torch(cfg.training)
     arch = unet_config(cfg.model)
@@ -41,6 +43,7 @@ def train_centrally(cfg: RunConfig, steps: int, out: Path) -> dict:
     save_model(model, cfg.diffusion, out / "model")
     images = sample_images(model, cfg.diffusion, cfg.output.grid_samples, seed=cfg.seed)
     save_grid(images, out / "samples.png")
+    track_training(cfg.output, out, losses, out / "samples.png")
     summary = {
         "steps": steps,
         "images": len(dataset),

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch.utils.data import DataLoader, Dataset
 
-from fedphd.common.core.pruning import load_pretrained
+from fedphd.common.core import pruned_unet
+from fedphd.common.core.pruning import (
+    PrunedUNet2DModel,
+    load_pretrained,
+    pruned_shapes,
+    to_pruned_model,
+)
 from fedphd.common.settings.config import DiffusionConfig, TrainingConfig
 
 
@@ -200,7 +208,8 @@ def sample_images(
 ) -> np.ndarray:
     """DDIM samples as an ``N x H x W x C`` float array in [0, 1]."""
     pipeline = ddim_pipeline(model.eval(), cfg, noise_scheduler)
-    pipeline.set_progress_bar_config(disable=not show_progress, leave=False)
+    # disable=None: tqdm shows the bar on a terminal only (never in a log file).
+    pipeline.set_progress_bar_config(disable=None if show_progress else True, leave=False)
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, num_images, batch_size):
@@ -217,18 +226,81 @@ def sample_images(
     return np.concatenate(chunks, axis=0)
 
 
+MODEL_INDEX = "model_index.json"
+"""The file that makes a folder a diffusers pipeline (its components and their classes)."""
+
+REMOTE_CODE_FILE = Path(pruned_unet.__file__).name
+"""The pruned U-Net's code, copied into ``unet/`` of a saved pruned model."""
+
+# What save_pretrained of a lone model and its scheduler put at the top of a folder: the flat
+# layout save_model wrote before models became pipeline folders.
+_FLAT_LAYOUT = ("config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json")
+
+
+def model_pipeline(model: UNet2DModel, cfg: DiffusionConfig) -> DDPMPipeline:
+    """The U-Net and its training noise schedule as the diffusers pipeline a run saves.
+
+    A pruned U-Net's component entry names the code file shipped in ``unet/`` instead of its
+    Python module: that is where ``DiffusionPipeline.from_pretrained(..., trust_remote_code=
+    True)`` looks for a custom component's class.
+    """
+    pipeline = DDPMPipeline(unet=model, scheduler=make_noise_scheduler(cfg))
+    if isinstance(model, PrunedUNet2DModel):
+        pipeline.register_to_config(unet=(Path(REMOTE_CODE_FILE).stem, type(model).__name__))
+    return pipeline
+
+
 def save_model(model: UNet2DModel, cfg: DiffusionConfig, directory: str | Path) -> Path:
-    """Save in diffusers format: ``UNet2DModel.from_pretrained(directory)`` loads the U-Net and
-    ``DDPMScheduler.from_pretrained(directory)`` its noise schedule."""
+    """Save as a diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``):
+    ``DDPMPipeline.from_pretrained(directory)`` and ``DDIMPipeline.from_pretrained(directory)``
+    load it. A pruned U-Net also carries its class as code (``unet/pruned_unet.py``, named by
+    ``auto_map`` in ``unet/config.json``), loaded with ``trust_remote_code=True``."""
     directory = Path(directory)
-    model.save_pretrained(directory)
-    make_noise_scheduler(cfg).save_pretrained(directory)
+    if not isinstance(model, PrunedUNet2DModel) and pruned_shapes(model):
+        model = to_pruned_model(model)  # pruned in place: only the pruned class rebuilds it
+    model_pipeline(model, cfg).save_pretrained(directory)
+    code = directory / "unet" / REMOTE_CODE_FILE
+    if isinstance(model, PrunedUNet2DModel):
+        shutil.copyfile(pruned_unet.__file__, code)
+    else:
+        code.unlink(missing_ok=True)  # from a pruned model saved here before
+    _remove_flat_layout(directory)
     return directory
 
 
-def load_model(directory: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Load a model saved by :func:`save_model` (U-Net and its noise schedule)."""
+def _remove_flat_layout(directory: Path) -> None:
+    """Delete an old flat model saved in ``directory`` before (a client's state folder from an
+    earlier version): its stale weights would sit beside the new ones. Only when the top
+    ``config.json`` is a U-Net's, so no file of anyone else's is touched."""
+    config = directory / "config.json"
+    if not config.is_file():
+        return
+    try:
+        class_name = json.loads(config.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        return
+    if class_name in ("UNet2DModel", PrunedUNet2DModel.__name__):
+        for name in _FLAT_LAYOUT:
+            (directory / name).unlink(missing_ok=True)
+
+
+def is_saved_model(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a model :func:`load_model` reads (either layout)."""
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory} holds no diffusers model (config.json missing)")
-    return load_pretrained(directory), DDPMScheduler.from_pretrained(str(directory))
+    return (directory / MODEL_INDEX).is_file() or (directory / "config.json").is_file()
+
+
+def load_model(directory: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load a model saved by :func:`save_model` (U-Net and its noise schedule): a pipeline
+    folder, or the flat folder (U-Net config, weights and scheduler config side by side) that
+    runs wrote before."""
+    directory = Path(directory)
+    if (directory / MODEL_INDEX).is_file():
+        scheduler = DDPMScheduler.from_pretrained(str(directory), subfolder="scheduler")
+    elif (directory / "config.json").is_file():
+        scheduler = DDPMScheduler.from_pretrained(str(directory))
+    else:
+        raise FileNotFoundError(
+            f"{directory} holds no diffusers model ({MODEL_INDEX} and config.json missing)"
+        )
+    return load_pretrained(directory), scheduler

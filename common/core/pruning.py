@@ -14,7 +14,6 @@ JSON, travels with the instruction and survives ``save_pretrained`` / ``from_pre
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -24,18 +23,19 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from diffusers import UNet2DModel
-from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-PrunedShapes = dict[str, dict[str, dict[str, Any]]]
-"""``{module name: {"params": {name: shape}, "buffers": {name: shape}, "attrs": {name: value}}}``
-(only non-empty sections, only modules that differ from the unpruned build)."""
-
-_SECTIONS = ("params", "buffers", "attrs")
+# The pruned class lives in a module of its own that imports nothing of this package: a saved
+# pruned model ships a copy of that file as its remote code (see fedphd.common.core.diffusion).
+from fedphd.common.core.pruned_unet import (  # noqa: F401  (re-exported)
+    PrunedShapes,
+    PrunedUNet2DModel,
+    apply_pruned_shapes,
+)
 
 
 @dataclass(frozen=True)
@@ -344,89 +344,6 @@ def pruned_shapes(model: UNet2DModel) -> PrunedShapes:
     return shapes
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(
-            f"pruned_shapes names module {name!r}, which this U-Net does not have"
-        ) from None
-
-
-def _shrunk(tensor: torch.Tensor, shape: list[int], where: str) -> torch.Tensor:
-    """The leading ``shape`` block of ``tensor``: deterministic in the build seed, so a pruned
-    architecture built without loading weights is still reproducible."""
-    fits = len(shape) == tensor.dim() and all(
-        0 <= n <= m for n, m in zip(shape, tensor.shape, strict=True)
-    )
-    if not fits:
-        raise ValueError(f"{where}: shape {list(shape)} does not fit in {list(tensor.shape)}")
-    return tensor.detach()[tuple(slice(0, n) for n in shape)].clone()
-
-
-def _apply_record(module: nn.Module, name: str, record: dict[str, Any]) -> None:
-    unknown = set(record) - set(_SECTIONS)
-    if unknown:
-        raise ValueError(f"pruned_shapes[{name!r}] has unknown sections {sorted(unknown)}")
-    params = dict(module.named_parameters(recurse=False))
-    for key, shape in record.get("params", {}).items():
-        if key not in params:
-            raise ValueError(f"module {name!r} has no parameter {key!r}")
-        new = _shrunk(params[key], shape, f"{name}.{key}")
-        setattr(module, key, nn.Parameter(new, requires_grad=params[key].requires_grad))
-    buffers = dict(module.named_buffers(recurse=False))
-    for key, shape in record.get("buffers", {}).items():
-        if key not in buffers:
-            raise ValueError(f"module {name!r} has no buffer {key!r}")
-        setattr(module, key, _shrunk(buffers[key], shape, f"{name}.{key}"))
-    for key, value in record.get("attrs", {}).items():
-        if key.startswith("_") or key not in vars(module):
-            raise ValueError(f"module {name!r} has no attribute {key!r}")
-        setattr(module, key, tuple(value) if isinstance(vars(module)[key], tuple) else value)
-
-
-def apply_pruned_shapes(model: nn.Module, shapes: PrunedShapes) -> None:
-    """Re-shape the listed modules of an unpruned build (see :data:`PrunedShapes`)."""
-    for name, record in shapes.items():
-        _apply_record(_submodule(model, name), name, record)
-
-
-def _with_unet_arguments(init: Any) -> Any:
-    """Declare every ``UNet2DModel`` argument (keyword-only) plus ``pruned_shapes`` as the
-    signature of ``init``.
-
-    diffusers' config machinery (``register_to_config``, ``from_config``) reads the signature
-    to know what belongs in the config; deriving it from the installed ``UNet2DModel`` keeps
-    the two in step across diffusers versions.
-    """
-    base = inspect.signature(UNet2DModel.__init__)
-    parameters = [
-        p if p.name == "self" else p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-        for p in base.parameters.values()
-        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    ]
-    parameters.append(
-        inspect.Parameter("pruned_shapes", inspect.Parameter.KEYWORD_ONLY, default=None)
-    )
-    init.__signature__ = base.replace(parameters=parameters)
-    return init
-
-
-class PrunedUNet2DModel(UNet2DModel):
-    """A ``UNet2DModel`` whose config also records its pruned shapes.
-
-    ``PrunedUNet2DModel(**config)`` builds the unpruned U-Net and shrinks the modules listed in
-    ``pruned_shapes`` (to the leading block of their fresh weights), so ``load_state_dict``,
-    ``save_pretrained`` and ``from_pretrained`` work as for any diffusers model.
-    """
-
-    @register_to_config
-    @_with_unet_arguments
-    def __init__(self, *, pruned_shapes: PrunedShapes | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        apply_pruned_shapes(self, pruned_shapes or {})
-
-
 def to_pruned_model(model: UNet2DModel) -> PrunedUNet2DModel:
     """The same weights in a :class:`PrunedUNet2DModel` whose config describes their shapes."""
     weight = next(model.parameters())
@@ -445,8 +362,17 @@ def build_model(arch: dict[str, Any]) -> UNet2DModel:
 
 
 def load_pretrained(directory: str | Path) -> UNet2DModel:
-    """``from_pretrained`` with the class the saved config names (pruned or not)."""
-    config = json.loads((Path(directory) / "config.json").read_text())
+    """``from_pretrained`` with the class the saved config names (pruned or not).
+
+    ``directory`` is a U-Net folder (``config.json`` and weights) or a diffusers pipeline
+    folder (``model_index.json``), whose ``unet/`` is loaded. The pruned class is this
+    package's own, so no ``trust_remote_code`` is needed for the code shipped beside it.
+    """
+    directory = Path(directory)
+    if (directory / "model_index.json").is_file():
+        directory = directory / "unet"
+    config = json.loads((directory / "config.json").read_text())
     cls = PrunedUNet2DModel if config.get("_class_name") == "PrunedUNet2DModel" else UNet2DModel
     # safetensors only: a pickled .bin checkpoint placed in the folder is never loaded.
     return cls.from_pretrained(str(directory), use_safetensors=True)
+

@@ -225,6 +225,11 @@ class OutputConfig(_Section):
     dir: str = Field("runs/latest", description="run folder when --out is not given")
     grid_samples: int = Field(64, ge=1, description="images in samples.png")
     progress: bool = Field(True, description="progress bars on a terminal")
+    report_to: Literal["none", "tensorboard"] = Field(
+        "none", description="experiment tracking: tensorboard writes TensorBoard event files "
+        "(loss, bytes, quality per round, the sample grid) to DIR/tensorboard/ (needs pip "
+        "install 'fedphd[tensorboard]')"
+    )
 
 
 class TlsConfig(_Section):

@@ -28,5 +28,11 @@ def setup_torch(cfg: TrainingConfig, device: str | None = None) -> torch.device:
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
-    """A tqdm bar that shows on a terminal and stays quiet in logs and pipes."""
+    """A tqdm bar that shows on a terminal and stays quiet in logs and pipes.
+
+    The one rule for every bar of the package (diffusers' sampling bar too, see
+    ``sample_images``): ``disable=None``, tqdm's "only when its stream is a terminal", since
+    a bar in a file is one line of carriage returns thousands of characters long. Close it
+    before logging the line that follows it (a closing bar redraws itself).
+    """
     return tqdm(total=total, desc=desc, disable=None if enabled else True, dynamic_ncols=True)
