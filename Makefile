@@ -24,7 +24,7 @@ demo: $(STAMP)
 # it must really run (FEDPHD_COMPOSE_REQUIRED), not skip, where the engine can be installed.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	FEDPHD_COMPOSE_REQUIRED=1 $(BIN)/python -m pytest -ra tests
+	FEDPHD_COMPOSE_REQUIRED=1 $(BIN)/python -m pytest -ra --durations=30 tests
 
 # The docker compose test bed alone: installs and starts the Docker engine when missing (as
 # root), builds the image offline, runs 1 cloud, 2 edges and 4 clients, checks the results.

@@ -57,13 +57,14 @@ def test_flat_run_with_central_dp_configured_in_toml_around_a_users_message_feda
     assert sorted(reply["node"] for reply in call["replies"]) == [1000, 1001]
 
 
-def test_hierarchical_run_message_fedadam_at_the_cloud_legacy_fedavg_at_the_edges(
+def test_hierarchical_run_message_fedadam_at_the_cloud_message_fedavg_at_the_edges(
         tmp_path, ports):
     out = tmp_path / "adam"
     records = launch(out, ports, "--set", "topology.edges=2", "--set", "topology.clients=2",
                      "--set", "topology.cloud_rounds=2", "--set", "topology.edge_rounds=1",
                      "--set", "topology.cloud_strategy=flwr.serverapp.strategy.FedAdam",
-                     "--set", "topology.cloud_strategy_args={eta=0.001}")
+                     "--set", "topology.cloud_strategy_args={eta=0.001}",
+                     "--set", "topology.edge_strategy=flwr.serverapp.strategy.FedAvg")
     assert_model_trained(out, [])
     cloud = [r for r in records if r["tier"] == "cloud"]
     assert [r["round"] for r in cloud] == [1, 2]
@@ -71,8 +72,12 @@ def test_hierarchical_run_message_fedadam_at_the_cloud_legacy_fedavg_at_the_edge
         assert sorted(r["participants"]) == ["edge 0", "edge 1"] and r["model_updated"]
     # FedAdam's numpy maths is float64; the global model stays float32 on the wire.
     assert cloud[0]["bytes"]["cloud->edge"] == cloud[1]["bytes"]["cloud->edge"]
+    # Flower's own lines: FedAdam aggregating the 2 edges, each edge's FedAvg its client.
     assert "aggregate_train: Received 2 results and 0 failures" in (
         out / "logs" / "cloud.log").read_text()
+    for edge in (0, 1):
+        edge_log = (out / "logs" / f"edge-{edge}.log").read_text()
+        assert edge_log.count("aggregate_train: Received 1 results and 0 failures") == 2
 
 
 def test_hierarchical_run_legacy_cloud_and_a_users_message_strategy_at_the_edge(
