@@ -99,8 +99,10 @@ class BatchStream(Iterator[torch.Tensor]):
         epoch, offset = divmod(position, self.batches_per_epoch)
         while True:
             sampler = self.epoch_batches(epoch)[offset:]
-            for images, _labels in DataLoader(self.dataset, batch_sampler=sampler):
-                yield images.to(self.device)
+            # Pinned host memory lets the copy to a GPU run asynchronously.
+            for images, _labels in DataLoader(self.dataset, batch_sampler=sampler,
+                                              pin_memory=self.device.type == "cuda"):
+                yield images.to(self.device, non_blocking=True)
             epoch, offset = epoch + 1, 0
 
     def __next__(self) -> torch.Tensor:
@@ -116,11 +118,23 @@ def endless_batches(
     return BatchStream(dataset, batch_size, seed, device)
 
 
+# ``training.mixed_precision``: the autocast dtype of the forward pass (None: fp32).
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    "no": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+}
+
+
 class DiffusionTrainer:
     """Adam with linear warm-up and gradient clipping, as the DDPM reference trains.
 
     The optimiser state and step counter live as long as the trainer: a client keeps its own
     trainer across rounds (never shared between clients) and only the weights are replaced.
+
+    ``training.mixed_precision`` runs the U-Net's forward pass (and so its backward) under
+    ``torch.autocast`` in bf16 or fp16; the weights, Adam's state, every extra loss term and
+    the answers stay fp32. fp16 scales the loss (``torch.amp.GradScaler``) against gradient
+    underflow, and unscales before gradient hooks and clipping, so both see true gradients;
+    a step with non-finite gradients is skipped, as the scaler does.
     """
 
     def __init__(
@@ -141,19 +155,26 @@ class DiffusionTrainer:
         )
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.steps_done = 0
+        self.autocast_dtype = AUTOCAST_DTYPES[cfg.mixed_precision]
+        # Disabled (every call a no-op, the fp32 path unchanged) unless fp16.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
 
     def train_step(self, images: torch.Tensor, extra_loss=None, gradient_hook=None) -> float:
         """One optimiser step on a batch; ``extra_loss(model)`` adds a regulariser and
         ``gradient_hook(model)`` may read and correct the gradients before clipping."""
         self.model.train()
-        loss = ddpm_loss(self.model, self.scheduler, images, self.generator)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            loss = ddpm_loss(self.model, self.scheduler, images, self.generator).float()
         total = loss if extra_loss is None else loss + extra_loss(self.model)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
         if gradient_hook is not None:
             gradient_hook(self.model)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.lr_schedule.step()
         self.steps_done += 1
         return float(loss.detach())
@@ -166,6 +187,7 @@ class DiffusionTrainer:
             "lr_schedule": self.lr_schedule.state_dict(),
             "generator": self.generator.get_state(),
             "steps_done": self.steps_done,
+            "scaler": self.scaler.state_dict(),  # empty unless fp16
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -173,6 +195,8 @@ class DiffusionTrainer:
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.generator.set_state(state["generator"])
         self.steps_done = int(state["steps_done"])
+        if state.get("scaler") and self.scaler.is_enabled():  # saved by an fp16 trainer
+            self.scaler.load_state_dict(state["scaler"])
 
     def train(
         self, batches: Iterator[torch.Tensor], steps: int, progress=None, extra_loss=None,

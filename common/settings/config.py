@@ -97,6 +97,10 @@ class TrainingConfig(_Section):
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     threads: int = Field(1, ge=0, description="torch CPU threads per process (0 = torch default)")
     seed: int = Field(0, description="seed of noise and batch order (offset per client)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast dtype of the U-Net's forward pass: 'no' (fp32), 'bf16', or "
+        "'fp16' with a gradient scaler; weights, optimiser state and answers stay fp32"
+    )
 
     @field_validator("device")
     @classmethod
