@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import dataclass
+import statistics
 
 import numpy as np
 
@@ -121,20 +122,13 @@ def check_metrics(res: FitRes) -> None:
         raise ValueError("label_hist is not a JSON list of non-negative integers")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Clipped:
     """An answer whose sample count was cut to the round's cap before aggregation."""
 
     sender: str
     claimed: int
     counted: int
-
-
-def low_median(counts: list[int]) -> int:
-    """The lower middle value: with two counts it is the smaller one, so one huge claim
-    among two answers cannot raise the cap that bounds it."""
-    ordered = sorted(counts)
-    return ordered[(len(ordered) - 1) // 2]
 
 
 def examples_cap(counts: list[int], factor: float) -> int | None:
@@ -144,7 +138,9 @@ def examples_cap(counts: list[int], factor: float) -> int | None:
     positive = [count for count in counts if count > 0]
     if not positive:
         return None
-    return max(1, math.floor(factor * low_median(positive)))
+    # The low median: of two counts the smaller, so one huge claim among two answers cannot
+    # raise the cap that bounds it.
+    return max(1, math.floor(factor * statistics.median_low(positive)))
 
 
 def bound_examples(
@@ -160,7 +156,6 @@ def bound_examples(
     for proxy, res in answers:
         if res.num_examples > cap:
             clipped.append(Clipped(sender_name(proxy, res), res.num_examples, cap))
-            res = FitRes(status=res.status, parameters=res.parameters, num_examples=cap,
-                         metrics=res.metrics)
+            res = dataclasses.replace(res, num_examples=cap)
         bounded.append((proxy, res))
     return bounded, clipped
