@@ -79,19 +79,21 @@ class CloudEvaluation:
                  server_round, record["fd_classifier"], len(outcome.results))
 
     def _at_cloud(self, metrics: MetricsLog, server_round: int) -> None:
-        result = evaluate_model(self.global_model.trained(),
+        model = self.global_model.trained()
+        result = evaluate_model(model,
                                 make_noise_scheduler(self.cfg.diffusion), self.cfg,
                                 self.device, show_progress=False)
         metrics.write({"tier": "eval", "round": server_round, **result})
         log.info("cloud round %d: fd_classifier %.4g%s", server_round, result["fd_classifier"],
                  f", fid {result['fid']:.4g}" if "fid" in result else "")
         if metrics.tracker is not None:
-            self._track_samples(metrics, server_round)
+            self._track_samples(metrics, model, server_round)
 
-    def _track_samples(self, metrics: MetricsLog, server_round: int) -> None:
+    def _track_samples(self, metrics: MetricsLog, model: torch.nn.Module,
+                       server_round: int) -> None:
         """A grid of the round's model for the experiment tracker (the same seed every
         round, so the grids show one set of noises denoised by ever better models)."""
-        images = sample_images(self.global_model.trained().to(self.device), self.cfg.diffusion,
+        images = sample_images(model.to(self.device), self.cfg.diffusion,
                                self.cfg.output.grid_samples, seed=self.cfg.seed,
                                steps=self.cfg.evaluation.sampling_steps)
         metrics.tracker.grid("samples/round", images, server_round)

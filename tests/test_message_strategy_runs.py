@@ -16,15 +16,10 @@ from tests.test_deployment import TESTS_DIR, assert_model_trained, launch
 from tests.test_reliability import (  # noqa: F401 - processes, straight: fixtures used below
     all_records,
     cloud_records,
-    crash_in_round_3,
-    finish,
     processes,
-    run_config,
+    run_flat_twice_crashing_once,
     same_models,
-    start_flat_run,
-    steps_logged,
     straight,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -108,15 +103,7 @@ def test_a_crashed_cloud_with_message_fedadam_pruning_and_q8_resumes_into_the_sa
                 "topology.cloud_strategy_args={eta=0.001}", "training.local_steps=4",
                 "pruning.enabled=true", "pruning.sparse_rounds=1", "pruning.ratio=0.3",
                 "codec.downlink=q8", "codec.uplink=q8"]
-    config, address = run_config(tmp_path / "straight", *settings)
-    straight_cloud = start_flat_run(straight, config, address, tmp_path / "straight-run", 2)
-    out = tmp_path / "run"
-    config, address = run_config(tmp_path / "crashed", *settings)
-    start_flat_run(processes, config, address, out, 2)
-    wait_until(lambda: len(cloud_records(out)) >= 2, 400, "round 2 to end", processes)
-    crash_in_round_3(processes, config, address, out, "client-1",
-                     lambda: steps_logged(processes, "client-0") >= 3, "client-0")
-    finish(straight, straight_cloud, timeout=400)
+    out = run_flat_twice_crashing_once(tmp_path, processes, straight, settings)
 
     records = cloud_records(out)
     assert [r["round"] for r in records] == [1, 2, 3, 4]

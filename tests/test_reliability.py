@@ -408,6 +408,23 @@ def crash_in_round_3(procs: Processes, config: Path, address: str, out: Path, he
     assert "cloud round 3 again" in procs.log(replayed_by), procs.logs()
 
 
+def run_flat_twice_crashing_once(tmp_path: Path, processes: Processes, straight: Processes,
+                                 settings: list[str]) -> Path:
+    """A flat run of 2 clients with ``settings``, twice at once: straight (in
+    ``tmp_path / "straight-run"``) and with the cloud crashed in round 3 and resumed
+    (:func:`crash_in_round_3`); the crashed run's folder, once both finished."""
+    config, address = run_config(tmp_path / "straight", *settings)
+    straight_cloud = start_flat_run(straight, config, address, tmp_path / "straight-run", 2)
+    out = tmp_path / "run"
+    config, address = run_config(tmp_path / "crashed", *settings)
+    start_flat_run(processes, config, address, out, 2)
+    wait_until(lambda: len(cloud_records(out)) >= 2, 400, "round 2 to end", processes)
+    crash_in_round_3(processes, config, address, out, "client-1",
+                     lambda: steps_logged(processes, "client-0") >= 3, "client-0")
+    finish(straight, straight_cloud, timeout=400)
+    return out
+
+
 @pytest.mark.slow
 def test_a_crashed_flat_cloud_resumes_into_the_model_of_a_run_that_never_stopped(
         tmp_path, processes, straight):
@@ -421,15 +438,7 @@ def test_a_crashed_flat_cloud_resumes_into_the_model_of_a_run_that_never_stopped
     settings = ["topology.clients=2", "topology.cloud_rounds=4", "topology.min_fit_clients=2",
                 "topology.cloud_strategy=fedphd.server.scaffold.Scaffold", "training.local_steps=4",
                 "codec.downlink=q8", "codec.uplink=q8"]
-    config, address = run_config(tmp_path / "straight", *settings)
-    straight_cloud = start_flat_run(straight, config, address, tmp_path / "straight-run", 2)
-    out = tmp_path / "run"
-    config, address = run_config(tmp_path / "crashed", *settings)
-    start_flat_run(processes, config, address, out, 2)
-    wait_until(lambda: len(cloud_records(out)) >= 2, 300, "round 2 to end", processes)
-    crash_in_round_3(processes, config, address, out, "client-1",
-                     lambda: steps_logged(processes, "client-0") >= 3, "client-0")
-    finish(straight, straight_cloud, timeout=400)
+    out = run_flat_twice_crashing_once(tmp_path, processes, straight, settings)
 
     records = cloud_records(out)
     assert [r["round"] for r in records] == [1, 2, 3, 4]  # round 3's lines once, no gap

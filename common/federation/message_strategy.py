@@ -217,11 +217,10 @@ class MessageStrategyAdapter(Strategy):
         """A stable node id for a connection (see the module docstring)."""
         if proxy.cid not in self._node_of:
             identity = peer_identity(proxy)
-            if identity is not None:
-                self._node_of[proxy.cid] = IDENTIFIED_NODE_BASE + identity.number
-            else:
-                self._node_of[proxy.cid] = UNIDENTIFIED_NODE_BASE + sum(
-                    node >= UNIDENTIFIED_NODE_BASE for node in self._node_of.values())
+            # len(): a new id per new connection, never one that was given before.
+            self._node_of[proxy.cid] = (IDENTIFIED_NODE_BASE + identity.number
+                                        if identity is not None
+                                        else UNIDENTIFIED_NODE_BASE + len(self._node_of))
         return self._node_of[proxy.cid]
 
     def _grid(self, client_manager: ClientManager) -> PeerGrid:
@@ -244,14 +243,8 @@ class MessageStrategyAdapter(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """``configure_train`` on the global model; each message becomes its node's FitIns."""
-        messages, grid = self._configure(server_round, parameters, client_manager, train=True)
-        instructions = []
-        for message in messages:
-            proxy = grid.nodes[message.metadata.dst_node_id]
-            arrays, config = self._payload(message, proxy)
-            self._sent[proxy.cid] = message
-            instructions.append((proxy, FitIns(ndarrays_to_parameters(arrays), config)))
-        return instructions
+        return [(proxy, FitIns(wire, config)) for proxy, wire, config
+                in self._configure(server_round, parameters, client_manager, train=True)]
 
     def aggregate_fit(
         self,
@@ -291,14 +284,8 @@ class MessageStrategyAdapter(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        messages, grid = self._configure(server_round, parameters, client_manager, train=False)
-        requests = []
-        for message in messages:
-            proxy = grid.nodes[message.metadata.dst_node_id]
-            arrays, config = self._payload(message, proxy)
-            self._sent[proxy.cid] = message
-            requests.append((proxy, EvaluateIns(ndarrays_to_parameters(arrays), config)))
-        return requests
+        return [(proxy, EvaluateIns(wire, config)) for proxy, wire, config
+                in self._configure(server_round, parameters, client_manager, train=False)]
 
     def aggregate_evaluate(
         self,
@@ -337,9 +324,9 @@ class MessageStrategyAdapter(Strategy):
     def _configure(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager,
         train: bool,
-    ) -> tuple[list[Message], PeerGrid]:
-        arrays = parameters_to_ndarrays(parameters)
-        record = as_array_record(arrays, self.tensor_names)
+    ) -> list[tuple[ClientProxy, Parameters, dict[str, Scalar]]]:
+        """The strategy's messages of this step as (receiver, tensors, config scalars)."""
+        record = as_array_record(parameters_to_ndarrays(parameters), self.tensor_names)
         self._keys = list(record.keys())
         grid = self._grid(client_manager)
         self._sent = {}
@@ -349,27 +336,35 @@ class MessageStrategyAdapter(Strategy):
         except NotEnoughNodes as error:
             log.warning("round %d: %s wants more nodes than are connected (%s); no round",
                         server_round, type(self.strategy).__name__, error)
-            return [], grid
+            return []
         unknown = [m.metadata.dst_node_id for m in messages
                    if m.metadata.dst_node_id not in grid.nodes]
         if unknown:
             log.warning("round %d: %s addressed nodes that are not connected: %s",
                         server_round, type(self.strategy).__name__, unknown)
-        return [m for m in messages if m.metadata.dst_node_id in grid.nodes], grid
+        # Strategies send one record to every node: each distinct one is converted once.
+        encoded: dict[int, Parameters] = {}
+        configured = []
+        for message in messages:
+            proxy = grid.nodes.get(message.metadata.dst_node_id)
+            if proxy is None:
+                continue
+            self._sent[proxy.cid] = message
+            content = message.content
+            config: dict[str, Scalar] = {}
+            for config_record in content.config_records.values():
+                config.update(scalar_config(config_record, f"node {message.metadata.dst_node_id}"))
+            configured.append((proxy, self._tensors(content, encoded), config))
+        return configured
 
-    def _payload(
-        self, message: Message, proxy: ClientProxy
-    ) -> tuple[list[np.ndarray], dict[str, Scalar]]:
-        """The arrays (in the global model's key order) and config scalars of a message."""
-        content, receiver = message.content, f"node {message.metadata.dst_node_id}"
-        arrays: list[np.ndarray] = []
-        for record in content.array_records.values():
+    def _tensors(self, content: RecordDict, encoded: dict[int, Parameters]) -> Parameters:
+        """A message's ArrayRecord as Flower ``Parameters`` (in the global model's key order
+        when it holds the same keys), converted once per distinct record."""
+        record = next(iter(content.array_records.values()), ArrayRecord())
+        if id(record) not in encoded:
             keys = self._keys if set(record.keys()) == set(self._keys) else None
-            arrays = from_array_record(record, keys)
-        config: dict[str, Scalar] = {}
-        for record in content.config_records.values():
-            config.update(scalar_config(record, receiver))
-        return arrays, config
+            encoded[id(record)] = ndarrays_to_parameters(from_array_record(record, keys))
+        return encoded[id(record)]
 
     def _error_replies(self, failures: list) -> list[Message]:
         """Failed answers of known senders as error replies (as Flower hands them over)."""
