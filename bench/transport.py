@@ -11,7 +11,12 @@ the project metered on each link (median of ``--repeats`` calls).
 
     python -m bench.transport            # the 35.75 M ddpm-cifar10 U-Net (143 MB per message)
     python -m bench.transport --quick    # the 1.1 M tiny U-Net, < 2 min
+    python -m bench.transport --plain-client   # the client: examples/plain_client.py
     python -m bench.transport --set training.device=cuda   # where a GPU is
+
+``--plain-client`` puts a stock-Flower client (``examples/plain_client.py``, which does not
+speak the tensor link) in place of ``fedphd client``: its hop carries the tensors inside
+Flower's messages, the cloud-edge hop still on the link.
 
 The last line of stdout is ``ratio: <project round time / bare grpcio time>``.
 """
@@ -35,6 +40,7 @@ from bench.harness import (
     derive_config,
     free_port_block,
     launch,
+    logs_tail,
     loopback_overrides,
     machine_info,
     machine_line,
@@ -45,10 +51,16 @@ from bench.harness import (
     tier,
     write_config,
 )
+from fedphd.common.commands.launcher import Deployment, Role
+from fedphd.common.quality.report import read_metrics
+from fedphd.common.settings.config import RunConfig
+from fedphd.common.settings.topology import cloud_address, edge_address
 
 FULL_CONFIG = REPO / "configs" / "ddpm-cifar10.toml"
 QUICK_CONFIG = REPO / "common" / "configs" / "default.toml"
 LINKS = ("cloud->edge", "edge->client", "client->edge", "edge->cloud")
+EXAMPLE = REPO / "examples" / "plain_client.py"
+POLL_SECONDS = 0.5
 
 
 def round_overrides(rounds: int) -> list[str]:
@@ -72,18 +84,23 @@ def round_overrides(rounds: int) -> list[str]:
 
 
 def project_round(config: Path, out: Path, rounds: int, extra: list[str],
-                  timeout: float) -> dict[str, Any]:
+                  timeout: float, plain_client: bool = False) -> dict[str, Any]:
     """Run the deployment; the median steady-state cloud round and the bytes of each link."""
     cfg = derive_config(config, [*round_overrides(rounds), *loopback_overrides(), *extra],
                         drop=[("partition", "pairs")])
     resolved = write_config(cfg, out / "bench-config.toml")
-    progress(f"project: {cfg.model.preset} U-Net, {rounds} cloud rounds, no local steps")
-    result = launch(resolved, out / "run", timeout=timeout, label="transport")
-    cloud = tier(result.records, "cloud")
+    client = "a stock-Flower client" if plain_client else "fedphd client"
+    progress(f"project: {cfg.model.preset} U-Net, {rounds} cloud rounds, no local steps, "
+             f"{client}")
+    if plain_client:
+        records = run_with_plain_client(cfg, resolved, out / "run", timeout)
+    else:
+        records = launch(resolved, out / "run", timeout=timeout, label="transport").records
+    cloud = tier(records, "cloud")
     steady = [r for r in cloud if r["round"] >= 2]
     if not steady:
         raise BenchError("the run has no cloud round after the first; use --rounds >= 2")
-    edge = [r for r in tier(result.records, "edge") if r["cloud_round"] >= 2]
+    edge = [r for r in tier(records, "edge") if r["cloud_round"] >= 2]
     return {
         "preset": cfg.model.preset,
         "rounds_measured": [r["round"] for r in steady],
@@ -92,8 +109,44 @@ def project_round(config: Path, out: Path, rounds: int, extra: list[str],
         "edge_round_median_s": median(r["seconds"] for r in edge) if edge else None,
         "first_round_s": cloud[0]["seconds"],
         "bytes": {link: steady[-1]["bytes"][link] for link in LINKS},
-        "run": str(result.out),
+        "run": str(out / "run"),
+        "client": client,
     }
+
+
+def run_with_plain_client(cfg: RunConfig, config: Path, run_dir: Path,
+                          timeout: float) -> list[dict[str, Any]]:
+    """``fedphd cloud`` and ``fedphd edge`` with ``examples/plain_client.py`` as the client."""
+    topology = cfg.topology
+    cli = [sys.executable, "-m", "fedphd.common.commands.cli"]
+    roles = [
+        Role("cloud", [*cli, "cloud", "--config", str(config), "--listen",
+                       cloud_address(topology), "--out", str(run_dir)]),
+        Role("edge-0", [*cli, "edge", "--config", str(config), "--edge-id", "0", "--cloud",
+                        cloud_address(topology), "--listen", edge_address(0, topology)]),
+        Role("plain-client-0", [sys.executable, str(EXAMPLE), "--server",
+                                edge_address(0, topology), "--client-id", "0", "--insecure",
+                                "--images", "64", "--wait", str(topology.connect_timeout),
+                                "--timesteps", str(cfg.diffusion.num_train_timesteps)]),
+    ]
+    deployment = Deployment(roles)
+    deployment.start(run_dir / "logs", child_env())
+    deadline = time.monotonic() + timeout
+    try:
+        while roles[0].returncode is None:
+            failed = [r for r in roles[1:] if r.returncode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                what = f"{failed[0].name} exited with {failed[0].returncode}" if failed else \
+                    f"no result within {timeout:.0f} s"
+                raise BenchError(f"transport (plain client): {what}\n{logs_tail(run_dir)}")
+            time.sleep(POLL_SECONDS)
+        if roles[0].returncode != 0:
+            raise BenchError(f"transport (plain client): the cloud exited with "
+                             f"{roles[0].returncode}\n{logs_tail(run_dir)}")
+        deployment.wait_all(timeout=120)
+    finally:
+        deployment.stop()
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def _start(argv: list[str], log: Path) -> subprocess.Popen:
@@ -135,7 +188,8 @@ def render(result: dict[str, Any]) -> str:
     rows.append(f"| bare grpcio relay, same bytes, same hops | {bare['round_median_s']:.3f} s | "
                 f"{len(bare['round_seconds'])} calls |")
     lines = [
-        f"# Transport overhead ({project['preset']} U-Net, fp32, no local steps)",
+        f"# Transport overhead ({project['preset']} U-Net, fp32, no local steps, "
+        f"{project['client']})",
         "",
         machine_line(result["machine"]),
         f"command: {result['command']}",
@@ -163,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny U-Net, 3 rounds (< 2 min); default: ddpm-cifar10, 4 rounds")
     parser.add_argument("--config", type=Path, help="base config (default by --quick)")
+    parser.add_argument("--plain-client", action="store_true",
+                        help="the client is examples/plain_client.py (stock Flower, no tensor "
+                        "link) instead of fedphd client")
     parser.add_argument("--rounds", type=int, help="cloud rounds (round 1 is not measured)")
     parser.add_argument("--repeats", type=int, default=5, help="bare grpcio calls (default 5)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -172,10 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = args.config or (QUICK_CONFIG if args.quick else FULL_CONFIG)
     rounds = args.rounds or (3 if args.quick else 4)
-    out = args.out or REPO / "runs" / "bench" / ("transport-quick" if args.quick else "transport")
+    name = "transport" + ("-quick" if args.quick else "") + ("-plain" if args.plain_client else "")
+    out = args.out or REPO / "runs" / "bench" / name
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    project = project_round(config, out, rounds, args.overrides, args.timeout)
+    project = project_round(config, out, rounds, args.overrides, args.timeout,
+                            plain_client=args.plain_client)
     bare = bare_round(project["bytes"], args.repeats, out)
     result = {
         "machine": machine_info(), "command": command_line(), "config": str(config),

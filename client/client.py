@@ -36,7 +36,12 @@ from fedphd.client.private_parts import PrivateParts, SharedGroups
 from fedphd.client.replay import RoundReplay
 from fedphd.common.commands.cli import add_config_args, config_from_args
 from fedphd.common.core.diffusion import DiffusionTrainer
-from fedphd.common.core.models import load_ndarrays, model_to_ndarrays, unet_config
+from fedphd.common.core.models import (
+    load_ndarrays,
+    model_to_ndarrays,
+    model_views,
+    unet_config,
+)
 from fedphd.common.core.unet_groups import (
     group_indices,
     is_everything,
@@ -134,7 +139,7 @@ class Received:
 
     names: list[str]  # tensor names in wire order
     reference: list[np.ndarray]  # the whole model as received: the base of the update
-    digest: str  # of the received part, for the server's check
+    digest: codec.PendingDigest  # of the received part, for the server's check
 
 
 @dataclass(frozen=True)
@@ -225,7 +230,7 @@ class DiffusionClient(Client):
             LOSS_METRIC: loss,
             LABEL_HIST_METRIC: json.dumps(self.data.label_hist),
             BYTES_RECEIVED_METRIC: received_bytes,
-            RECEIVED_DIGEST_KEY: received.digest,
+            RECEIVED_DIGEST_KEY: received.digest.result(),
             PAYLOAD_BYTES_METRIC: codec.payload_bytes(out),
             TRAIN_SECONDS_METRIC: trained.seconds,
             STEPS_METRIC: steps,
@@ -240,9 +245,11 @@ class DiffusionClient(Client):
         names = tensor_names(self.local.arch_json)
         sent_at = shared.sent_at(names)
         part = self.link.receive(ins.parameters, ins.config)
-        load_ndarrays(model, merge(model_to_ndarrays(model), part, sent_at))
-        reference = model_to_ndarrays(model)
-        return Received(names, reference, self.link.keep(select(reference, sent_at)))
+        own = model_views(model)
+        load_ndarrays(model, merge(own, part, sent_at))
+        reference = as_loaded(own, part, sent_at)
+        # Hashed while the model trains and the answer is encoded.
+        return Received(names, reference, self.link.keep_soon(select(reference, sent_at)))
 
     def _train(self, config: dict[str, Scalar], steps: int, lr: float) -> Trained:
         """Local training with the terms of the methods the instruction asks for; the terms
@@ -261,7 +268,7 @@ class DiffusionClient(Client):
                received: Received) -> Parameters:
         """The returned groups, encoded; with private parts the whole model is saved first."""
         model = self.local.model
-        trained = model_to_ndarrays(model)
+        trained = model_views(model)  # encoded before the model changes again
         if shared.private:
             self.private.save(model)
         at = shared.returned_at(received.names)
@@ -308,6 +315,17 @@ class DiffusionClient(Client):
                                    group_indices(names, sent)))
         return evaluate_own_model(model, self.trainer.scheduler, self.cfg, self.device,
                                   self.state_dir / "samples.png")
+
+
+def as_loaded(own: list[np.ndarray], part: list[np.ndarray],
+              sent_at: list[int]) -> list[np.ndarray]:
+    """The model just loaded, kept apart from training: a received tensor of the model's
+    dtype is itself (decoded tensors are never written to), the others are copied."""
+    received = {index: array for index, array in zip(sent_at, part, strict=True)
+                if array.dtype == own[index].dtype}
+    # ``own`` are views of the model: training would change them.
+    return [received[index] if index in received else array.copy()
+            for index, array in enumerate(own)]
 
 
 class ForeignInstruction(BaseException):

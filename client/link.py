@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from fedphd.common.federation.held import HeldModel, encode_reply
+from fedphd.common.wire import codec
 from fedphd.common.wire.quantization import ErrorFeedback
 from fedphd.common.wire.transport import Parameters, Scalar
 
@@ -24,9 +25,10 @@ class ClientLink:
     def receive(self, parameters: Parameters, config: dict[str, Scalar]) -> list[np.ndarray]:
         return self.held.decode(parameters, config)
 
-    def keep(self, arrays: list[np.ndarray]) -> str:
-        """Hold ``arrays`` (the received part, as loaded) as the next base; their digest."""
-        return self.held.keep(arrays)
+    def keep_soon(self, arrays: list[np.ndarray]) -> codec.PendingDigest:
+        """Hold ``arrays`` (the received part, as loaded) as the next base; their digest,
+        computed meanwhile."""
+        return self.held.keep_soon(arrays)
 
     def reply(self, arrays: list[np.ndarray], reference: list[np.ndarray],
               config: dict[str, Scalar], groups: str) -> Parameters:

@@ -139,7 +139,8 @@ class EdgeAggregator(Client):
         self.grpc_server = start_flower_server(listen, self.client_manager, self.meter,
                                                max_message_length=self.message_limit,
                                                certificates=server_certificates(cfg.tls),
-                                               admission=server_admission(cfg.tls, "client"))
+                                               admission=server_admission(cfg.tls, "client"),
+                                               tensor_link_enabled=cfg.topology.tensor_link)
         self.edge_round = 0
         log.info("edge %d: serving clients on %s (%s, expecting %d)", edge_id, listen,
                  describe_tls(cfg.tls), self.clients.expected)
@@ -190,7 +191,8 @@ class EdgeAggregator(Client):
         # Before anything is built: an edge without clients answers the cloud at once.
         self.clients.wait()
         global_arrays = self.carried.held.decode(ins.parameters, ins.config)
-        received_digest = self.carried.held.keep(global_arrays)
+        # Hashed while the edge rounds run.
+        received_digest = self.carried.held.keep_soon(global_arrays)
         global_parameters = ndarrays_to_parameters(global_arrays)
         strategy = self._edge_strategy(global_parameters, ins.config, cloud_round)
         rounds = self._run_edge_rounds(strategy, global_parameters, ins.config, cloud_round)
@@ -199,7 +201,8 @@ class EdgeAggregator(Client):
                               f"({len(rounds.records)} ran; their failures are logged above)")
         log.info("edge %d: cloud round %d done, loss %s", self.edge_id, cloud_round,
                  rounds.last.loss)
-        return self._answer(rounds, global_arrays, ins.config, received, received_digest)
+        return self._answer(rounds, global_arrays, ins.config, received,
+                            received_digest.result())
 
     def _begin_cloud_round(self, cloud_round: int) -> None:
         rewind = self.round_start.enter(cloud_round, self.carried)

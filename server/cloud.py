@@ -105,7 +105,8 @@ class CloudServer:
                                           max_message_length=message_limit,
                                           certificates=server_certificates(cfg.tls),
                                           admission=server_admission(
-                                              cfg.tls, "client" if self.flat else "edge"))
+                                              cfg.tls, "client" if self.flat else "edge"),
+                                          tensor_link_enabled=cfg.topology.tensor_link)
         log.info(
             "cloud: %d-parameter U-Net, %s on %s (%s, messages up to %.1f MiB), "
             "waiting for %d %s",

@@ -110,16 +110,31 @@ def model_to_ndarrays(model: torch.nn.Module) -> list[np.ndarray]:
     return [t.detach().cpu().numpy().copy() for t in model.state_dict().values()]
 
 
+def model_views(model: torch.nn.Module) -> list[np.ndarray]:
+    """The state tensors in wire order as numpy views of a CPU model's own storage (copies
+    from another device): for reading at once, e.g. to encode an answer; they change with
+    the model."""
+    return [t.detach().cpu().numpy() for t in model.state_dict().values()]
+
+
 def load_ndarrays(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
     """Load tensors in ``state_dict`` order, refusing any count or shape mismatch."""
     state = model.state_dict()
     if len(arrays) != len(state):
         raise ValueError(f"expected {len(state)} tensors for this model, got {len(arrays)}")
-    new_state = {}
     for (name, current), array in zip(state.items(), arrays, strict=True):
         if tuple(array.shape) != tuple(current.shape):
             raise ValueError(
                 f"tensor {name}: expected shape {tuple(current.shape)}, got {tuple(array.shape)}"
             )
-        new_state[name] = torch.as_tensor(np.asarray(array), dtype=current.dtype)
-    model.load_state_dict(new_state, strict=True)
+    # Into the parameters' own storage (``state_dict`` tensors share it). On the CPU a numpy
+    # copy: one thread, as fast as torch's parallel copy (memory-bound) but without waking
+    # torch's thread pool, whose spinning threads slow a busy machine's other processes.
+    with torch.no_grad():
+        for current, array in zip(state.values(), arrays, strict=True):
+            if current.device.type == "cpu" and current.dtype != torch.bfloat16:
+                target = current.numpy()
+                if not np.may_share_memory(target, array):  # not a view of itself
+                    np.copyto(target, np.asarray(array), casting="unsafe")
+            else:
+                current.copy_(torch.as_tensor(np.asarray(array)).to(current.dtype))

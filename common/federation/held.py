@@ -4,8 +4,6 @@ receiver rebuilt, with its digest."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from fedphd.common.wire import codec
@@ -27,7 +25,11 @@ class HeldModel:
 
     def __init__(self) -> None:
         self.arrays: list[np.ndarray] | None = None
-        self.digest = ""
+        self._digest: str | codec.PendingDigest = ""
+
+    @property
+    def digest(self) -> str:
+        return codec.resolved(self._digest)
 
     def decode(self, parameters: Parameters, config: dict[str, Scalar]) -> list[np.ndarray]:
         """Decode an instruction's weights; an update must be from the model held here."""
@@ -40,8 +42,13 @@ class HeldModel:
 
     def keep(self, arrays: list[np.ndarray]) -> str:
         """Remember ``arrays`` (as loaded) and return their digest."""
-        self.arrays, self.digest = arrays, codec.digest(arrays)
-        return self.digest
+        return codec.resolved(self.keep_soon(arrays))
+
+    def keep_soon(self, arrays: list[np.ndarray]) -> codec.PendingDigest:
+        """:meth:`keep`, the digest computed meanwhile (``arrays`` must not change)."""
+        pending = codec.PendingDigest(arrays)
+        self.arrays, self._digest = arrays, pending
+        return pending
 
 
 def encode_reply(
@@ -64,13 +71,18 @@ def encode_reply(
     )
 
 
-@dataclass(frozen=True)
 class Rebuilt:
-    """A model as a receiver rebuilds it from a payload, with its digest (computed once)."""
+    """A model as a receiver rebuilds it from a payload, with its digest (computed once, in
+    the background when made by :meth:`of`)."""
 
-    arrays: list[np.ndarray]
-    digest: str
+    def __init__(self, arrays: list[np.ndarray], digest: str | codec.PendingDigest) -> None:
+        self.arrays = arrays
+        self._digest = digest
+
+    @property
+    def digest(self) -> str:
+        return codec.resolved(self._digest)
 
     @classmethod
     def of(cls, arrays: list[np.ndarray]) -> Rebuilt:
-        return cls(arrays, codec.digest(arrays))
+        return cls(arrays, codec.PendingDigest(arrays))

@@ -146,6 +146,12 @@ class TopologyConfig(_Section):
         None, gt=0.0, le=2048.0, description="gRPC message limit of every link in MiB "
         "(unset = auto: 2 x the model's fp32 size + 32 MiB)"
     )
+    tensor_link: bool = Field(
+        True, description="serve model tensors on a second gRPC call of the same server "
+        "(fedphd.TensorLink, dialled by the receiver over the same address and TLS) to peers "
+        "that declare it, instead of inside Flower's messages; plain Flower peers always get "
+        "them inside Flower's messages. false: never, on this server"
+    )
 
     @field_validator("cloud_strategy", "edge_strategy")
     @classmethod

@@ -51,6 +51,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -75,8 +76,6 @@ from flwr.common import (
     ReconnectIns,
     Scalar,
     Status,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
     serde,
 )
 from flwr.compat.client.app import start_client
@@ -110,6 +109,7 @@ from flwr.supercore.address import is_port_in_use
 from flwr.supercore.grpc import generic_create_grpc_server
 from iterators import TimeoutIterator
 
+from fedphd.common.wire import npy, tensor_link
 from fedphd.common.wire.keys import CLIENT_ID_PROPERTY, EDGE_ID_PROPERTY, LABEL_HIST_PROPERTY
 from fedphd.common.wire.tls import Admission, certified_identity, fingerprint
 
@@ -180,6 +180,17 @@ __all__ = [
     "wait_for_clients",
 ]
 
+def ndarrays_to_parameters(arrays: list[np.ndarray]) -> Parameters:
+    """Flower's ``ndarrays_to_parameters`` — the same bytes — with each tensor copied once."""
+    return Parameters(tensors=[npy.npy_bytes(a) for a in arrays], tensor_type="numpy.ndarray")
+
+
+def parameters_to_ndarrays(parameters: Parameters) -> list[np.ndarray]:
+    """Flower's ``parameters_to_ndarrays`` without copies: read-only views of the tensors'
+    bytes, each header checked (:func:`fedphd.common.wire.npy.load_tensor`)."""
+    return [npy.load_tensor(index, blob) for index, blob in enumerate(parameters.tensors)]
+
+
 # gRPC's ceiling; runs pass fedphd.common.wire.limits' limit.
 GRPC_MAX_MESSAGE_LENGTH = 2_147_483_647
 MAX_RETRY_DELAY = 3.0
@@ -214,6 +225,10 @@ class TrafficMeter:
     def record(self, down: int = 0, up: int = 0) -> None:
         self._add(Traffic(down, up, 1))
 
+    def record_bytes(self, down: int = 0, up: int = 0) -> None:
+        """Bytes of a message already counted (the tensor link's part of it)."""
+        self._add(Traffic(down, up))
+
     def record_control(self, size: int) -> None:
         self._add(Traffic(control=size))
 
@@ -242,6 +257,14 @@ class TrafficMeter:
 TRAINING_MESSAGES = ("fit_ins", "evaluate_ins")
 
 
+@dataclass
+class _SizedIns(InsWrapper):
+    """An instruction whose serialised size its sender computed (see :func:`_grown_size`);
+    the sender also meters the answer, which it takes apart anyway."""
+
+    wire_size: int = 0
+
+
 class _MeteredBridge(GrpcBridge):
     """Flower's per-client bridge, measuring each instruction and each answer."""
 
@@ -256,11 +279,67 @@ class _MeteredBridge(GrpcBridge):
             self._meter.record_control(message.ByteSize() + res_wrapper.client_message.ByteSize())
             return res_wrapper
         # Counted before the answer: the instruction was put on the stream even if the
-        # client dies before it replies.
-        self._meter.record(down=message.ByteSize())
+        # client dies before it replies. ``ByteSize()`` walks the whole message, as long as
+        # serialising it: a sized instruction's sender computed it from the tensors' lengths.
+        sized = isinstance(ins_wrapper, _SizedIns)
+        self._meter.record(down=ins_wrapper.wire_size if sized else message.ByteSize())
         res_wrapper = super().request(ins_wrapper)
-        self._meter.record(up=res_wrapper.client_message.ByteSize())
+        if not sized:
+            self._meter.record(up=res_wrapper.client_message.ByteSize())
         return res_wrapper
+
+
+# --- Sizes and messages without copies --------------------------------------------------
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _grown_size(nested: list[int], added: int) -> int:
+    """The serialised size of a message once ``added`` bytes of fields are appended to its
+    innermost nested message; ``nested``: the sizes now, outermost first. Each level holds
+    the next as one length-delimited field (tag of one byte, the length as a varint)."""
+    inner = nested[-1] + added
+    for outer, before in zip(reversed(nested[:-1]), reversed(nested[1:]), strict=True):
+        inner = outer - _varint_size(before) - before + _varint_size(inner) + inner
+    return inner
+
+
+def _tensors_size(tensors: list[bytes]) -> int:
+    """Bytes that ``repeated bytes tensors = 1`` adds to a ``Parameters`` message."""
+    return sum(1 + _varint_size(len(t)) + len(t) for t in tensors)
+
+
+def _instruction(kind: str, ins: FitIns | EvaluateIns) -> tuple[ServerMessage, int]:
+    """The ``ServerMessage`` that carries ``ins`` and its serialised size, computed.
+
+    Flower's ``ServerMessage(fit_ins=serde.fit_ins_to_proto(ins))`` copies every tensor twice
+    (a nested message given to a constructor is deep-copied), ~1 s per 143 MB; here the
+    message is built without tensors, measured, and the tensors appended in place once."""
+    empty = type(ins)(Parameters([], ins.parameters.tensor_type), ins.config)
+    to_proto = serde.fit_ins_to_proto if kind == "fit_ins" else serde.evaluate_ins_to_proto
+    message = ServerMessage(**{kind: to_proto(empty)})
+    inner = getattr(message, kind)
+    tensors = ins.parameters.tensors
+    size = _grown_size([message.ByteSize(), inner.ByteSize(), inner.parameters.ByteSize()],
+                       _tensors_size(tensors))
+    inner.parameters.tensors.extend(tensors)
+    return message, size
+
+
+def _fit_answer(message: ClientMessage) -> tuple[FitRes, int]:
+    """The ``FitRes`` a ``ClientMessage`` carries and the message's serialised size, taken
+    apart without measuring or copying the tensors more than once."""
+    fit = message.fit_res
+    tensors = list(fit.parameters.tensors)
+    if tensors:  # clearing an absent submessage would make it present
+        fit.parameters.ClearField("tensors")
+    size = _grown_size([message.ByteSize(), fit.ByteSize(), fit.parameters.ByteSize()],
+                       _tensors_size(tensors))
+    res = serde.fit_res_from_proto(fit)
+    res.parameters.tensors = tensors
+    return res, size
 
 
 @dataclass(frozen=True)
@@ -343,18 +422,67 @@ def peer_certificate(context: grpc.ServicerContext) -> PeerCertificate | None:
 
 class _PeerProxy(GrpcClientProxy):
     """Flower's proxy of a connected peer, with the certificate it joined with; ``refusal``
-    is set when the server refuses it (its stream then ends with that reason)."""
+    is set when the server refuses it (its stream then ends with that reason).
+
+    Instructions with tensors are built in place and sized without serialising them
+    (:func:`_instruction`); to a peer that speaks the tensor link (``tensor_link``, set when
+    it joined) their tensors go through the server's depot instead
+    (:mod:`fedphd.common.wire.tensor_link`), and so do its answers'."""
 
     def __init__(self, cid: str, bridge: GrpcBridge, certificate: PeerCertificate | None,
-                 admission: Admission) -> None:
+                 admission: Admission, meter: TrafficMeter,
+                 depot: tensor_link.TensorDepot | None = None) -> None:
         super().__init__(cid, bridge)
         self.certificate = certificate
         self.admission = admission
         self.refusal: str | None = None
+        self.meter = meter
+        self.depot = depot
+        self.tensor_link = False
 
     def refuse(self, reason: str) -> None:
         self.refusal = reason
         self.bridge.close()
+
+    def fit(self, ins: FitIns, timeout: float | None, group_id: int | None) -> FitRes:
+        if self.tensor_link and self.depot is not None:
+            return self._fit_over_link(ins, timeout)
+        message, size = _instruction("fit_ins", ins)
+        answer = self.bridge.request(_SizedIns(message, timeout, size)).client_message
+        res, answer_size = _fit_answer(answer)
+        self.meter.record(up=answer_size)
+        return res
+
+    def evaluate(self, ins: EvaluateIns, timeout: float | None,
+                 group_id: int | None) -> EvaluateRes:
+        if not (self.tensor_link and self.depot is not None):
+            message, size = _instruction("evaluate_ins", ins)
+            answer = self.bridge.request(_SizedIns(message, timeout, size)).client_message
+            self.meter.record(up=answer.ByteSize())
+            return serde.evaluate_res_from_proto(answer.evaluate_res)
+        ticket, linked = self._offer(ins)
+        try:
+            return super().evaluate(linked, timeout, group_id)
+        finally:
+            self.depot.close(ticket)
+
+    def _offer(self, ins: FitIns | EvaluateIns) -> tuple[str, FitIns | EvaluateIns]:
+        """Put the instruction's tensors in the depot; the instruction that names them."""
+        fingerprint = None if self.certificate is None else self.certificate.fingerprint
+        ticket = self.depot.offer(self.cid, ins.parameters.tensors, fingerprint)
+        parameters = Parameters([], tensor_link.link_type(ins.parameters.tensor_type))
+        return ticket, type(ins)(parameters, {**ins.config, tensor_link.TICKET_KEY: ticket})
+
+    def _fit_over_link(self, ins: FitIns, timeout: float | None) -> FitRes:
+        ticket, linked = self._offer(ins)
+        try:
+            res = super().fit(linked, timeout, None)
+            if tensor_link.on_link(res.parameters.tensor_type):
+                res.parameters = Parameters(self.depot.claim(ticket),
+                                            tensor_link.carried_type(res.parameters.tensor_type))
+            return res
+        finally:
+            self.depot.close(ticket)
 
 
 class _IdentifyingServicer(FlowerServiceServicer):
@@ -363,9 +491,11 @@ class _IdentifyingServicer(FlowerServiceServicer):
     ``PERMISSION_DENIED`` and the reason (Flower's loop otherwise, unchanged)."""
 
     def __init__(self, client_manager: ClientManager, meter: TrafficMeter,
-                 admission: Admission) -> None:
+                 admission: Admission, depot: tensor_link.TensorDepot | None = None) -> None:
         super().__init__(client_manager, grpc_bridge_factory=lambda: _MeteredBridge(meter))
         self.admission = admission
+        self.meter = meter
+        self.depot = depot
 
     def Join(self, request_iterator: Iterator[ClientMessage],  # noqa: N802 - gRPC's name
              context: grpc.ServicerContext) -> Iterator[ServerMessage]:
@@ -377,7 +507,7 @@ class _IdentifyingServicer(FlowerServiceServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"{certificate.name} is on this server's deny list (tls.deny)")
         proxy = _PeerProxy(uuid.uuid4().hex, self.grpc_bridge_factory(), certificate,
-                           self.admission)
+                           self.admission, self.meter, self.depot)
         if not register_client_proxy(self.client_manager, proxy, context):
             return
         try:
@@ -463,8 +593,16 @@ def establish_identity(properties: dict[str, Scalar], certificate: PeerCertifica
 
 
 def fit_ins_wire_size(ins: FitIns) -> int:
-    """Size of the serialised ``ServerMessage`` that carried ``ins`` (what the server metered)."""
-    return ServerMessage(fit_ins=serde.fit_ins_to_proto(ins)).ByteSize()
+    """Bytes of the instruction ``ins`` as its server metered them: the serialised
+    ``ServerMessage`` that carried it (computed from the tensors' lengths, not by serialising
+    it), plus its tensors when they came over the tensor link (what the link measured)."""
+    if tensor_link.RECEIVED_BYTES_KEY in ins.config:
+        return int(ins.config[tensor_link.RECEIVED_BYTES_KEY])
+    empty = FitIns(Parameters([], ins.parameters.tensor_type), ins.config)
+    message = ServerMessage(fit_ins=serde.fit_ins_to_proto(empty))
+    return _grown_size([message.ByteSize(), message.fit_ins.ByteSize(),
+                        message.fit_ins.parameters.ByteSize()],
+                       _tensors_size(ins.parameters.tensors))
 
 
 def start_flower_server(
@@ -474,19 +612,25 @@ def start_flower_server(
     max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
     certificates: tuple[bytes, bytes, bytes] | None = None,
     admission: Admission | None = None,
+    tensor_link_enabled: bool = True,
 ) -> grpc.Server:
     """Start Flower's gRPC bidirectional-stream server with metered bridges (non-blocking).
 
-    This is ``flwr.server.superlink.fleet.grpc_bidi.start_grpc_server`` with two changes: the
-    servicer builds metered bridges, and with an ``admission`` it identifies every peer
-    (mutual TLS when ``admission.certified``: see the module docstring).
+    This is ``flwr.server.superlink.fleet.grpc_bidi.start_grpc_server`` with three changes:
+    the servicer builds metered bridges; with an ``admission`` it identifies every peer
+    (mutual TLS when ``admission.certified``: see the module docstring); and the same server
+    serves the tensor link (:mod:`fedphd.common.wire.tensor_link`) to the peers that declare
+    it, unless ``tensor_link_enabled`` is false.
     """
+    depot = None
     if admission is None:
         servicer = FlowerServiceServicer(
             client_manager, grpc_bridge_factory=lambda: _MeteredBridge(meter)
         )
     else:
-        servicer = _IdentifyingServicer(client_manager, meter, admission)
+        if tensor_link_enabled:
+            depot = tensor_link.TensorDepot(max_message_length, meter, _call_fingerprint)
+        servicer = _IdentifyingServicer(client_manager, meter, admission, depot)
     if certificates is not None and admission is not None and admission.certified:
         server = _mutual_tls_server(servicer, address, max_message_length, certificates)
     else:
@@ -496,8 +640,16 @@ def start_flower_server(
             max_message_length=max_message_length,
             certificates=certificates,
         )
+    if depot is not None:
+        tensor_link.add_to_server(server, depot)
     server.start()
     return server
+
+
+def _call_fingerprint(context: grpc.ServicerContext) -> str | None:
+    """The fingerprint of the certificate a tensor-link call presented (None: none)."""
+    certificate = peer_certificate(context)
+    return None if certificate is None else certificate.fingerprint
 
 
 MAX_CONCURRENT_WORKERS = 1000  # Flower's default
@@ -571,9 +723,9 @@ class BoundedClientManager(SimpleClientManager):
 
     def _admit(self, proxy: _PeerProxy) -> None:
         """Identify ``proxy``; add it to the clients, or refuse it with one line."""
+        properties = self._properties(proxy)
         try:
-            identity = establish_identity(self._properties(proxy), proxy.certificate,
-                                          proxy.admission)
+            identity = establish_identity(properties, proxy.certificate, proxy.admission)
         except Refused as refusal:
             log.warning("refused a peer: %s", refusal)
             proxy.refuse(str(refusal))
@@ -583,6 +735,12 @@ class BoundedClientManager(SimpleClientManager):
             return
         if identity is not None:
             proxy.peer_identity = identity
+        # Negotiated per peer: a plain Flower peer never declares it.
+        proxy.tensor_link = proxy.depot is not None and bool(
+            properties.get(tensor_link.PROPERTY, False))
+        if proxy.tensor_link:
+            log.info("%s speaks the tensor link: its tensors travel on fedphd.TensorLink",
+                     identity.name if identity is not None else f"peer {proxy.cid}")
         with self._lock:  # with unregister's: a peer that left is never added
             if proxy.cid not in self._joining:
                 return  # it left while it was being identified
@@ -701,6 +859,74 @@ class _SessionCounter(Client):
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         self.messages += 1
         return self.client.evaluate(ins)
+
+
+LINK_TIMEOUT = 1800.0  # seconds for one transfer on the tensor link (a slow WAN, 143 MB)
+
+
+class _LinkedClient(Client):
+    """A client that speaks the tensor link: it declares it when asked who it is, fetches an
+    instruction's tensors from the server that sent a ticket, and uploads its answer's
+    tensors there; with a server that sends none (plain Flower) it is ``client`` unchanged.
+
+    The wrapped client sees ``Parameters`` as always, and ``RECEIVED_BYTES_KEY`` in the
+    config: the instruction's bytes as its server metered them (Flower message + link)."""
+
+    def __init__(self, client: Client, channel: tensor_link.LinkChannel) -> None:
+        self.client = client
+        self.channel = channel
+
+    def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
+        res = self.client.get_properties(ins)
+        return GetPropertiesRes(res.status, {**res.properties, tensor_link.PROPERTY: True})
+
+    def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
+        return self.client.get_parameters(ins)
+
+    def fit(self, ins: FitIns) -> FitRes:
+        if not tensor_link.on_link(ins.parameters.tensor_type):
+            return self.client.fit(ins)
+        try:
+            ticket, fetched = self._fetch(ins)
+        except tensor_link.LinkError as error:
+            log.warning("%s", error)
+            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, str(error)), Parameters([], ""), 0, {})
+        res = self.client.fit(fetched)
+        if res.status.code != Code.OK or not res.parameters.tensors:
+            return res
+        try:
+            self.channel.put(ticket, res.parameters.tensors, LINK_TIMEOUT)
+        except tensor_link.LinkError as error:
+            log.warning("%s", error)
+            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, str(error)), Parameters([], ""), 0, {})
+        linked = Parameters([], tensor_link.link_type(res.parameters.tensor_type))
+        return FitRes(res.status, linked, res.num_examples, res.metrics)
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        if not tensor_link.on_link(ins.parameters.tensor_type):
+            return self.client.evaluate(ins)
+        try:
+            _, fetched = self._fetch(ins)
+        except tensor_link.LinkError as error:
+            log.warning("%s", error)
+            return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, str(error)), 0.0, 0, {})
+        return self.client.evaluate(fetched)
+
+    def _fetch(self, ins: FitIns | EvaluateIns) -> tuple[str, FitIns | EvaluateIns]:
+        """The ticket, and the instruction with its tensors fetched from the link."""
+        ticket = ins.config.get(tensor_link.TICKET_KEY)
+        if not isinstance(ticket, str):
+            raise tensor_link.LinkError("the server sent tensors on the tensor link without "
+                                        f"a {tensor_link.TICKET_KEY}")
+        # Measured as the server metered it: the Flower message with the ticket in it.
+        message_size = _instruction("fit_ins" if isinstance(ins, FitIns) else "evaluate_ins",
+                                    ins)[1]
+        tensors = self.channel.fetch(ticket, LINK_TIMEOUT)
+        config = {key: value for key, value in ins.config.items()
+                  if key != tensor_link.TICKET_KEY}
+        config[tensor_link.RECEIVED_BYTES_KEY] = message_size + sum(len(t) for t in tensors)
+        parameters = Parameters(tensors, tensor_link.carried_type(ins.parameters.tensor_type))
+        return ticket, type(ins)(parameters, config)
 
 
 def _is_closed_channel_watcher(args: threading.ExceptHookArgs) -> bool:
@@ -829,8 +1055,28 @@ def connect_client(
     client presents (mutual TLS).
     """
     quiet_closed_channel_watchers()
-    with _presenting(client_certificate):
-        _connect(address, client, max_message_length, root_certificates, max_wait_time)
+    channel = tensor_link.LinkChannel(
+        lambda: _link_channel(address, root_certificates, max_message_length,
+                              client_certificate), address)
+    try:
+        with _presenting(client_certificate):
+            _connect(address, _LinkedClient(client, channel), max_message_length,
+                     root_certificates, max_wait_time)
+    finally:
+        channel.close()
+
+
+def _link_channel(address: str, root_certificates: bytes | None, max_message_length: int,
+                  client_certificate: tuple[bytes, bytes] | None) -> grpc.Channel:
+    """A channel for the tensor link: the Flower link's address, credentials and limit."""
+    options = [("grpc.max_send_message_length", max_message_length),
+               ("grpc.max_receive_message_length", max_message_length)]
+    if root_certificates is None:
+        return grpc.insecure_channel(address, options=options)
+    chain, key = client_certificate if client_certificate is not None else (None, None)
+    credentials = grpc.ssl_channel_credentials(root_certificates, private_key=key,
+                                               certificate_chain=chain)
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 def _connect(address: str, client: Client, max_message_length: int,

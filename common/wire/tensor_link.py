@@ -1,0 +1,245 @@
+"""The tensor link: model tensors on a second gRPC call beside Flower's stream.
+
+Flower's legacy stream carries a model as protobuf messages that its own code copies several
+times on each side (building a nested message deep-copies every tensor). For a peer that
+declares it speaks the link (``fedphd.tensor_link`` among its properties when it joins), a
+server sends the instruction as a Flower message whose ``Parameters`` carry no tensors — only
+``fedphd.tensor-link:<codec>`` as their type and a ticket in the config — and the tensors
+wait in the server's :class:`TensorDepot`. The receiver of the instruction dials the same
+server address (so it crosses the same NAT and firewalls as its Flower link, with the same
+TLS / mutual-TLS credentials and message limit) and
+
+* ``Fetch(ticket)`` streams the instruction's tensors to it, one gRPC message per tensor;
+* ``Put`` streams its answer's tensors back: the ticket first, then one message per tensor.
+  Its Flower answer then carries ``fedphd.tensor-link:<codec>`` and no tensors.
+
+Both methods use identity serialisers: a tensor is the same ``np.save`` blob Flower would put
+in its message, handed to gRPC as it is, and arrives as one ``bytes`` object. A ticket is a
+random 128-bit token that only its peer's own Flower stream carried; under mutual TLS the
+caller's certificate must also be the one its peer joined with. An upload may not exceed the
+run's message limit (what one Flower message could carry), and each ticket is fetched and
+answered once per instruction. Every byte the link moves is metered on its server's link.
+
+A plain Flower peer never declares the link and gets its tensors inside Flower's messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+log = logging.getLogger("fedphd.tensor_link")
+
+SERVICE = "fedphd.TensorLink"
+FETCH = f"/{SERVICE}/Fetch"
+PUT = f"/{SERVICE}/Put"
+# Where the instruction's Parameters name what they would have carried.
+TYPE_PREFIX = "fedphd.tensor-link:"
+TICKET_KEY = "fedphd.tensor_ticket"
+# What the receiver measured of an instruction that came over the link (its Flower message
+# plus the tensors), set by the receiver's transport for the code that reports it.
+RECEIVED_BYTES_KEY = "fedphd.received_bytes"
+# The property a peer declares when it speaks the link.
+PROPERTY = "fedphd.tensor_link"
+MAX_TENSORS = 100_000  # per upload; the 35.75 M U-Net has 328
+RETRIES = 4  # attempts of a call refused as unavailable, within the instruction's time
+
+
+def on_link(tensor_type: str) -> bool:
+    """Whether a payload's tensors travel on the link (its Parameters carry none)."""
+    return tensor_type.startswith(TYPE_PREFIX)
+
+
+def link_type(tensor_type: str) -> str:
+    return TYPE_PREFIX + tensor_type
+
+
+def carried_type(tensor_type: str) -> str:
+    """The codec's tensor type of a payload on the link."""
+    return tensor_type[len(TYPE_PREFIX):]
+
+
+class LinkError(ConnectionError):
+    """A transfer on the tensor link that failed; the message says which and why."""
+
+
+@dataclass
+class _Ticket:
+    """One instruction's tensors on their way down and its answer's on their way up."""
+
+    peer: str  # the connection the ticket was issued to, for logs
+    fingerprint: str | None  # the certificate that peer joined with (mutual TLS)
+    down: list[bytes]
+    up: list[bytes] | None = None
+    fetched: bool = False
+
+
+class Meter(Protocol):
+    """What the depot tells its server's traffic meter."""
+
+    def record_bytes(self, down: int = 0, up: int = 0) -> None: ...
+
+    def record_control(self, size: int) -> None: ...
+
+
+class TensorDepot:
+    """A server's tickets: the tensors of instructions in flight and the answers uploaded.
+
+    Every byte the link moves is recorded on ``meter``: a fetched tensor as instruction bytes
+    (down), an uploaded one and its ticket as answer bytes (up), a fetch's ticket as control.
+    """
+
+    def __init__(self, max_upload: int, meter: Meter,
+                 fingerprint_of: Callable[[grpc.ServicerContext], str | None]) -> None:
+        self.max_upload = max_upload
+        self._meter = meter
+        self._fingerprint_of = fingerprint_of
+        self._tickets: dict[str, _Ticket] = {}
+        self._lock = threading.Lock()
+
+    def offer(self, peer: str, tensors: list[bytes], fingerprint: str | None) -> str:
+        """A ticket for ``peer`` to fetch ``tensors`` with and upload its answer under."""
+        ticket = secrets.token_hex(16)
+        with self._lock:
+            self._tickets[ticket] = _Ticket(peer, fingerprint, list(tensors))
+        return ticket
+
+    def claim(self, ticket: str) -> list[bytes]:
+        """The tensors uploaded under ``ticket`` (the answer said they are there)."""
+        with self._lock:
+            entry = self._tickets.get(ticket)
+        if entry is None or entry.up is None:
+            raise LinkError("the answer says its tensors are on the tensor link, but none "
+                            "were uploaded under its instruction's ticket")
+        return entry.up
+
+    def close(self, ticket: str) -> None:
+        """Forget a ticket (its instruction was answered, failed or timed out)."""
+        with self._lock:
+            self._tickets.pop(ticket, None)
+
+    def _entry(self, ticket: str, context: grpc.ServicerContext) -> _Ticket:
+        with self._lock:
+            entry = self._tickets.get(ticket)
+        if entry is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown or expired tensor-link ticket")
+        if entry.fingerprint is not None and self._fingerprint_of(context) != entry.fingerprint:
+            log.warning("refused a tensor-link call for %s's ticket from another certificate",
+                        entry.peer)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "this ticket was issued to a peer with another certificate")
+        return entry
+
+    def fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """``Fetch``: the instruction's tensors, one message each."""
+        self._meter.record_control(len(request))
+        entry = self._entry(request.decode(errors="replace"), context)
+        with self._lock:
+            if entry.fetched:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              "this ticket's tensors were already fetched")
+            entry.fetched = True
+        for tensor in entry.down:
+            # Metered as it is handed to gRPC: the bytes of a peer that hangs up midway count.
+            self._meter.record_bytes(down=len(tensor))
+            yield tensor
+
+    def put(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """``Put``: the ticket, then the answer's tensors, one message each."""
+        ticket = next(requests, b"")
+        self._meter.record_bytes(up=len(ticket))
+        entry = self._entry(ticket.decode(errors="replace"), context)
+        if entry.up is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "an answer was already uploaded under this ticket")
+        received: list[bytes] = []
+        total = 0
+        for tensor in requests:
+            total += len(tensor)
+            self._meter.record_bytes(up=len(tensor))
+            if total > self.max_upload or len(received) >= MAX_TENSORS:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the upload exceeds this server's limit of "
+                              f"{self.max_upload / 2**20:.1f} MiB or {MAX_TENSORS} tensors")
+            received.append(tensor)
+        entry.up = received
+        return b"ok"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def add_to_server(server: grpc.Server, depot: TensorDepot) -> None:
+    """Serve ``Fetch`` and ``Put`` on ``server`` (before it starts), beside Flower's service."""
+    handlers = {
+        "Fetch": grpc.unary_stream_rpc_method_handler(
+            depot.fetch, request_deserializer=_identity, response_serializer=_identity),
+        "Put": grpc.stream_unary_rpc_method_handler(
+            depot.put, request_deserializer=_identity, response_serializer=_identity),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+class LinkChannel:
+    """The receiver's side: one channel to its server's address, dialled on first use."""
+
+    def __init__(self, connect: Callable[[], grpc.Channel], address: str) -> None:
+        self._connect = connect
+        self.address = address
+        self._channel: grpc.Channel | None = None
+        self._lock = threading.Lock()
+
+    def _stubs(self) -> tuple[Callable, Callable]:
+        with self._lock:
+            if self._channel is None:
+                self._channel = self._connect()
+            channel = self._channel
+        return (channel.unary_stream(FETCH, request_serializer=_identity,
+                                     response_deserializer=_identity),
+                channel.stream_unary(PUT, request_serializer=_identity,
+                                     response_deserializer=_identity))
+
+    def fetch(self, ticket: str, timeout: float | None) -> list[bytes]:
+        """The tensors of the instruction that carried ``ticket``."""
+        return self._retried("fetch", lambda fetch, _: list(fetch(ticket.encode(),
+                                                                   timeout=timeout)), timeout)
+
+    def put(self, ticket: str, tensors: Iterable[bytes], timeout: float | None) -> None:
+        """Upload an answer's tensors under its instruction's ticket."""
+        blobs = list(tensors)
+        self._retried("upload", lambda _, put: put(iter([ticket.encode(), *blobs]),
+                                                   timeout=timeout), timeout)
+
+    def _retried(self, what: str, call: Callable, timeout: float | None):
+        """``call`` with the stubs, tried again (like the Flower link) while the server is
+        unavailable; any other refusal is final."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.2
+        for attempt in range(1, RETRIES + 1):
+            try:
+                return call(*self._stubs())
+            except grpc.RpcError as error:
+                retry = (error.code() == grpc.StatusCode.UNAVAILABLE and attempt < RETRIES
+                         and (deadline is None or time.monotonic() + delay < deadline))
+                if not retry:
+                    raise LinkError(f"tensor-link {what} at {self.address} failed: "
+                                    f"{error.code().name}: {error.details()}") from None
+                log.warning("tensor-link %s at %s: %s; trying again", what, self.address,
+                            error.details())
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
