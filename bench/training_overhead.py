@@ -17,10 +17,17 @@ all of them alike; figures are medians over ``--repeats``.
 
     python -m bench.training_overhead            # tiny U-Net, digits, CPU
     python -m bench.training_overhead --quick    # fewer steps, < 1 min
+    python -m bench.training_overhead --preset ddpm-cifar10   # 35.75 M U-Net on this CPU
     python -m bench.training_overhead --config configs/ddpm-cifar10.toml \\
         --set training.device=cuda                # the 35.75 M U-Net where a GPU is
 
-The last line of stdout is ``ratio: <project samples/s / bare samples/s>``.
+``--preset NAME`` builds that U-Net (``model.preset``) on the default config's digits,
+resized to its image size; for a preset other than ``tiny`` it defaults to what a CPU can do
+in minutes: batch 8, 1 warm-up step, 2 repeats of 3 steps, and no bare loop (the question
+there is pruning's gain; add ``--bare`` to time it too).
+
+The last line of stdout is ``ratio: <project samples/s / bare samples/s>``; without the bare
+loop it is ``pruned_speedup: <unpruned / pruned step time>``.
 """
 
 from __future__ import annotations
@@ -81,6 +88,21 @@ class ClientPath:
     client: DiffusionClient
     instruction: FitIns
     batch: int
+    train_cpu: list[float]  # process CPU seconds of each fit's training steps
+
+    def __post_init__(self) -> None:
+        # CPU seconds as well as wall seconds: on a shared machine another process's load
+        # stretches wall time, while one thread's CPU time per step barely moves.
+        local, train = self.client.local, self.client.local.train
+
+        def timed_train(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return train(*args, **kwargs)
+            finally:
+                self.train_cpu.append(time.process_time() - start)
+
+        local.train = timed_train
 
     @classmethod
     def build(cls, cfg: RunConfig, model: torch.nn.Module, data: LocalData,
@@ -90,10 +112,11 @@ class ClientPath:
         parameters = codec.encode(model_to_ndarrays(model), "fp32")
         client = DiffusionClient(cfg, 0, data, device)
         return cls(client, FitIns(parameters, config),
-                   min(cfg.training.batch_size, len(data.dataset)))
+                   min(cfg.training.batch_size, len(data.dataset)), [])
 
     def fit(self, steps: int) -> tuple[float, float]:
-        """Wall seconds of one ``fit`` and the client's own training seconds within it."""
+        """Wall seconds of one ``fit`` and the client's own training seconds within it (the
+        CPU seconds of those steps go to :attr:`train_cpu`)."""
         ins = FitIns(self.instruction.parameters,
                      {**self.instruction.config, LOCAL_STEPS_KEY: steps})
         start = time.perf_counter()
@@ -160,47 +183,61 @@ def pruned_model(cfg: RunConfig, ratio: float) -> tuple[torch.nn.Module, dict[st
 
 
 def measure(cfg: RunConfig, steps: int, warmup: int, repeats: int, ratio: float,
-            device: torch.device) -> dict[str, Any]:
+            device: torch.device, with_bare: bool = True) -> dict[str, Any]:
     data = local_data(cfg, 0)
     arch = unet_config(cfg.model)
-    project = ClientPath.build(cfg, build_unet(arch, seed=cfg.seed), data, device)
-    bare = BareLoop(cfg, build_unet(arch, seed=cfg.seed), data, device)
+    full = build_unet(arch, seed=cfg.seed)
+    parameters = count_parameters(full)
+    project = ClientPath.build(cfg, full, data, device)
+    bare = BareLoop(cfg, build_unet(arch, seed=cfg.seed), data, device) if with_bare else None
+    progress(f"pruning {parameters:,} parameters at ratio {ratio}")
     small, pruning = pruned_model(cfg, ratio)
     pruned = ClientPath.build(cfg, small, data, device)
-    progress(f"{count_parameters(bare.model):,} parameters, batch {bare.batch}, "
+    progress(f"{parameters:,} parameters, batch {project.batch}, "
              f"{len(data.dataset)} images, {torch.get_num_threads()} threads, "
              f"pruned: {count_parameters(small):,} parameters")
     # Warm-up: the client builds its model and optimiser on its first instruction.
-    project.fit(warmup), bare.run(warmup), pruned.fit(warmup)
-    runs: dict[str, list[float]] = {"fit": [], "train": [], "bare": [], "pruned_train": []}
+    project.fit(warmup), pruned.fit(warmup)
+    if bare is not None:
+        bare.run(warmup)
+    runs: dict[str, list[float]] = {"fit": [], "train": [], "pruned_train": [],
+                                    "train_cpu": [], "pruned_train_cpu": []}
+    if bare is not None:
+        runs["bare"] = []
     for repeat in range(1, repeats + 1):
         fit_seconds, train_seconds = project.fit(steps)
         runs["fit"].append(fit_seconds)
         runs["train"].append(train_seconds)
-        runs["bare"].append(bare.run(steps))
+        if bare is not None:
+            runs["bare"].append(bare.run(steps))
         runs["pruned_train"].append(pruned.fit(steps)[1])
-        progress(f"repeat {repeat}/{repeats}: client fit {fit_seconds:.2f} s, "
-                 f"bare {runs['bare'][-1]:.2f} s, pruned {runs['pruned_train'][-1]:.2f} s "
-                 f"for {steps} steps")
-    samples = steps * bare.batch
+        runs["train_cpu"].append(project.train_cpu[-1])
+        runs["pruned_train_cpu"].append(pruned.train_cpu[-1])
+        bare_line = f"bare {runs['bare'][-1]:.2f} s, " if bare is not None else ""
+        progress(f"repeat {repeat}/{repeats}: client fit {fit_seconds:.2f} s, {bare_line}"
+                 f"pruned {runs['pruned_train'][-1]:.2f} s for {steps} steps")
+    samples = steps * project.batch
     throughput = {name: samples / median(values) for name, values in runs.items()}
-    return {
-        "parameters": count_parameters(bare.model), "batch": bare.batch, "steps": steps,
+    result = {
+        "parameters": parameters, "batch": project.batch, "steps": steps,
         "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device),
         "images": len(data.dataset), "seconds": runs,
         "samples_per_s": throughput,
         "ms_per_step": {name: 1000 * median(values) / steps for name, values in runs.items()},
         "pruning": {"ratio": ratio, **pruning},
-        "ratio": throughput["fit"] / throughput["bare"],
-        "ratio_train_only": throughput["train"] / throughput["bare"],
         "pruned_speedup": median(runs["train"]) / median(runs["pruned_train"]),
+        "pruned_speedup_cpu": median(runs["train_cpu"]) / median(runs["pruned_train_cpu"]),
     }
+    if bare is not None:
+        result["ratio"] = throughput["fit"] / throughput["bare"]
+        result["ratio_train_only"] = throughput["train"] / throughput["bare"]
+    return result
 
 
 def render(result: dict[str, Any], cfg: RunConfig) -> str:
     m, rate = result["ms_per_step"], result["samples_per_s"]
     pruning = result["pruning"]
-    return "\n".join([
+    lines = [
         f"# Client training overhead ({cfg.model.preset} U-Net, {result['parameters']:,} "
         f"parameters, batch {result['batch']}, {result['device']}, "
         f"{result['threads']} thread(s))",
@@ -213,20 +250,33 @@ def render(result: dict[str, Any], cfg: RunConfig) -> str:
         "|---|---|---|---|",
         f"| client `fit` (load, train, encode) | {rate['fit']:.1f} | {m['fit']:.1f} | |",
         f"| of which `DiffusionTrainer` steps | {rate['train']:.1f} | {m['train']:.1f} | |",
-        f"| bare PyTorch loop | {rate['bare']:.1f} | {m['bare']:.1f} | |",
+    ]
+    if "ratio" in result:
+        lines += [
+            f"| bare PyTorch loop | {rate['bare']:.1f} | {m['bare']:.1f} | |",
+            "",
+            f"project / bare throughput = {result['ratio']:.3f} (trainer steps only: "
+            f"{result['ratio_train_only']:.3f})",
+        ]
+    return "\n".join([
+        *lines,
         "",
-        f"project / bare throughput = {result['ratio']:.3f} (trainer steps only: "
-        f"{result['ratio_train_only']:.3f})",
-        "",
-        "| model | parameters | MACs per image | ms per step |",
-        "|---|---|---|---|",
+        "| model | parameters | MACs per image | s per step | images/s | CPU s per step |",
+        "|---|---|---|---|---|---|",
         f"| unpruned | {pruning['params_before']:,} | {pruning['macs_before']:,} | "
-        f"{m['train']:.1f} |",
+        f"{m['train'] / 1000:.3f} | {rate['train']:.2f} | {m['train_cpu'] / 1000:.3f} |",
         f"| pruned, ratio {pruning['ratio']} | {pruning['params_after']:,} | "
-        f"{pruning['macs_after']:,} | {m['pruned_train']:.1f} |",
+        f"{pruning['macs_after']:,} | {m['pruned_train'] / 1000:.3f} | "
+        f"{rate['pruned_train']:.2f} | {m['pruned_train_cpu'] / 1000:.3f} |",
         "",
-        f"pruned step speed-up: {result['pruned_speedup']:.2f}×",
+        f"pruned step speed-up: {result['pruned_speedup']:.2f}× wall, "
+        f"{result['pruned_speedup_cpu']:.2f}× CPU time, for "
+        f"{1 - pruning['macs_after'] / pruning['macs_before']:.0%} fewer MACs",
     ])
+
+
+# Defaults for a big preset on a CPU: one step takes seconds (batch 8), so a handful of them.
+BIG_PRESET_DEFAULTS = {"batch": 8, "steps": 3, "repeats": 2, "warmup": 1}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,27 +289,47 @@ def main(argv: list[str] | None = None) -> int:
                         help="run config (default: the packaged digits/tiny default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="config override")
+    parser.add_argument("--preset", choices=["tiny", "ddpm-cifar10", "celeba64"],
+                        help="U-Net preset (model.preset) on the config's data; a big one "
+                        "defaults to batch 8, 1 warm-up, 2 x 3 steps and no bare loop")
+    parser.add_argument("--bare", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the bare PyTorch loop (default: yes, except with a "
+                        "big --preset)")
     parser.add_argument("--steps", type=int, help="steps per timed run (default 50; quick 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 3)")
     parser.add_argument("--repeats", type=int, help="timed runs per path (default 5; quick 2)")
     parser.add_argument("--ratio", type=float, default=0.2, help="pruning ratio (default 0.2)")
     parser.add_argument("--out", type=Path, help="result folder")
     args = parser.parse_args(argv)
-    steps = args.steps or (10 if args.quick else 50)
-    repeats = args.repeats or (2 if args.quick else 5)
-    cfg = derive_config(args.config, args.overrides)
+    big = args.preset not in (None, "tiny")
+    defaults = BIG_PRESET_DEFAULTS if big else {
+        "steps": 10 if args.quick else 50, "repeats": 2 if args.quick else 5, "warmup": 3}
+    steps = args.steps or defaults["steps"]
+    repeats = args.repeats or defaults["repeats"]
+    warmup = defaults["warmup"] if args.warmup is None else args.warmup
+    with_bare = not big if args.bare is None else args.bare
+    # The preset and its batch come first: the user's --set still has the last word.
+    overrides = ([f"model.preset={args.preset}"] if args.preset else []) + (
+        [f"training.batch_size={BIG_PRESET_DEFAULTS['batch']}"] if big else [])
+    cfg = derive_config(args.config, overrides + args.overrides)
     seed_everything(cfg.seed)
     device = setup_torch(cfg.training)
-    result = measure(cfg, steps, args.warmup, repeats, args.ratio, device)
-    result.update(machine=machine_info(), command=command_line(), config=str(args.config))
+    result = measure(cfg, steps, warmup, repeats, args.ratio, device, with_bare)
+    result.update(machine=machine_info(), command=command_line(), config=str(args.config),
+                  preset=cfg.model.preset)
     name = "training-overhead-quick" if args.quick else "training-overhead"
+    if args.preset:
+        name += f"-{args.preset}"
     out = args.out or REPO / "runs" / "bench" / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_overhead.json").write_text(json.dumps(result, indent=2))
     table = render(result, cfg)
     (out / "training_overhead.md").write_text(table + "\n")
     print(table)
-    print_ratio(result["ratio"])
+    if with_bare:
+        print_ratio(result["ratio"])
+    else:
+        print(f"pruned_speedup: {result['pruned_speedup']:.4f}", flush=True)
     return 0
 
 

@@ -32,9 +32,12 @@ class ScaffoldCorrection:
     """Gradient hook for one round: adds ``c - c_i`` and accumulates the raw gradients."""
 
     def __init__(self, model: torch.nn.Module, server_c: np.ndarray, client_c: np.ndarray):
-        self.correction = torch.from_numpy(server_c - client_c)
+        # Both vectors live where the gradients do, moved there once per round: on a GPU a
+        # per-step copy of each gradient to the host (and back) would stall every step.
+        device = next(model.parameters(), torch.empty(0)).device
+        self.correction = torch.from_numpy(server_c - client_c).to(device, torch.float32)
         self.client_c = client_c
-        self.gradient_sum = torch.zeros(parameter_count(model))
+        self.gradient_sum = torch.zeros(parameter_count(model), device=device)
         self.steps = 0
 
     def __call__(self, model: torch.nn.Module) -> None:
@@ -42,14 +45,14 @@ class ScaffoldCorrection:
         for p in model.parameters():
             size = p.numel()
             if p.grad is not None:
-                self.gradient_sum[offset:offset + size] += p.grad.detach().flatten().cpu()
-                p.grad += self.correction[offset:offset + size].view_as(p.grad).to(p.grad)
+                self.gradient_sum[offset:offset + size] += p.grad.detach().flatten()
+                p.grad += self.correction[offset:offset + size].view_as(p.grad)
             offset += size
         self.steps += 1
 
     def new_client_control(self) -> np.ndarray:
         """``c_i+``: the mean raw gradient of the round's steps."""
-        return (self.gradient_sum / max(1, self.steps)).numpy().astype(np.float32)
+        return (self.gradient_sum / max(1, self.steps)).cpu().numpy().astype(np.float32)
 
 
 class ScaffoldRound(RoundTerm):
