@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
 
-.PHONY: demo test lint install clean compose-test
+.PHONY: demo test lint install clean compose-test gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: $(STAMP)
 # FEDPHD_COMPOSE_REQUIRED: here a test bed that cannot run fails instead of skipping.
 compose-test: $(STAMP)
 	FEDPHD_COMPOSE_REQUIRED=1 $(BIN)/python -m pytest -ra tests/test_compose.py
+
+# The offline wheelhouse of bench/gpu_check.sh (docs/benchmarks.md, "GPU check"): Python 3.12
+# manylinux wheels in bench/gpu-wheels/ (git-ignored), never torch. GPU_WHEELS_PROVIDED: the
+# packages the GPU machine already has (unset: the lent H200's; empty: ship everything).
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m bench.gpu_wheels --out bench/gpu-wheels \
+	    $(if $(filter undefined,$(origin GPU_WHEELS_PROVIDED)),,--provided "$(GPU_WHEELS_PROVIDED)")
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
