@@ -140,7 +140,8 @@ class EdgeAggregator(Client):
                                                max_message_length=self.message_limit,
                                                certificates=server_certificates(cfg.tls),
                                                admission=server_admission(cfg.tls, "client"),
-                                               tensor_link_enabled=cfg.topology.tensor_link)
+                                               tensor_link_enabled=cfg.topology.tensor_link,
+                                               peers=cfg.topology.clients)
         self.edge_round = 0
         log.info("edge %d: serving clients on %s (%s, expecting %d)", edge_id, listen,
                  describe_tls(cfg.tls), self.clients.expected)

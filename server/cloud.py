@@ -106,7 +106,8 @@ class CloudServer:
                                           certificates=server_certificates(cfg.tls),
                                           admission=server_admission(
                                               cfg.tls, "client" if self.flat else "edge"),
-                                          tensor_link_enabled=cfg.topology.tensor_link)
+                                          tensor_link_enabled=cfg.topology.tensor_link,
+                                          peers=cfg.topology.clients + cfg.topology.edges)
         log.info(
             "cloud: %d-parameter U-Net, %s on %s (%s, messages up to %.1f MiB), "
             "waiting for %d %s",

@@ -42,6 +42,7 @@ from fedphd.common.core.unet_groups import (
     select,
     tensor_names,
 )
+from fedphd.common.federation import running_mean
 from fedphd.common.federation.downlink import Downlink
 from fedphd.common.federation.held import Rebuilt
 from fedphd.common.federation.sharing import Layout, layout_of
@@ -294,20 +295,29 @@ class ManagedStrategy(Strategy):
         accepted: list[tuple[ClientProxy, FitRes]] = []
         rejected: dict[str, str] = {}
         for proxy, res in sorted(results, key=answer_order):
-            name = sender_name(proxy, res)
-            try:
-                check_identity(proxy, res)
-                check_metrics(res)
-                check_declared_examples(proxy, res)
-                arrays = self._decode_answer(proxy.cid, res)
-            except ValueError as error:
-                log.warning("round %d: rejected the update of %s: %s", server_round, name, error)
-                rejected[name] = str(error)
+            arrays = self.accept_answer(server_round, proxy, res)
+            if isinstance(arrays, str):
+                rejected[sender_name(proxy, res)] = arrays
                 continue
             accepted.append((proxy, FitRes(status=res.status,
                                            parameters=ndarrays_to_parameters(arrays),
                                            num_examples=res.num_examples, metrics=res.metrics)))
         return accepted, rejected
+
+    def accept_answer(
+        self, server_round: int, proxy: ClientProxy, res: FitRes
+    ) -> list[np.ndarray] | str:
+        """One answer's tensors decoded to its model dtypes after every check, or why it was
+        rejected (logged). Safe in worker threads: it only reads this round's state."""
+        try:
+            check_identity(proxy, res)
+            check_metrics(res)
+            check_declared_examples(proxy, res)
+            return self._decode_answer(proxy.cid, res)
+        except ValueError as error:
+            log.warning("round %d: rejected the update of %s: %s", server_round,
+                        sender_name(proxy, res), error)
+            return str(error)
 
     def _summary(
         self, server_round: int, accepted: list[tuple[ClientProxy, FitRes]],
@@ -350,8 +360,9 @@ class ManagedStrategy(Strategy):
         promotes to float64, which would double every later message)."""
         arrays = codec.decode(parameters)
         try:
-            check_update([a.astype(r.dtype) for a, r in zip(arrays, self._reference,
-                                                           strict=False)], self._reference)
+            check_update([a.astype(r.dtype, copy=False) for a, r in zip(arrays, self._reference,
+                                                                       strict=False)],
+                         self._reference)
         except ValueError as error:
             log.error("round %d: %s returned an unusable model (%s); keeping the previous one",
                       server_round, self.inner.__class__.__name__, error)
@@ -395,6 +406,47 @@ class ManagedStrategy(Strategy):
 
     def evaluate(self, server_round: int, parameters: Parameters):
         return self.inner.evaluate(server_round, parameters)
+
+    def folds_answers(self) -> bool:
+        """Whether this round's answers may be folded into a running sum as they arrive
+        (:mod:`fedphd.common.federation.running_mean`; call after ``configure_fit``): the
+        inner strategy is a weighted mean and every peer returns the same tensors."""
+        returned = {tuple(layout.returned) for layout in self._layout.values()}
+        return running_mean.folds_answers(self.inner) and len(returned) <= 1
+
+    def new_running_mean(self, expected: int) -> running_mean.RunningMean:
+        """The running sum of a round of ``expected`` instructions, bounded like the list."""
+        return running_mean.RunningMean(expected, self.max_examples_factor)
+
+    def aggregate_folded(
+        self,
+        server_round: int,
+        folded: running_mean.RunningMean,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        rejected: dict[str, str],
+    ) -> RoundAggregate:
+        """:meth:`aggregate_round` for answers already checked and folded (``results``:
+        their metadata only): the same records, the same model as the inner strategy's."""
+        accepted, clipped, mean = folded.finish()
+        for clip in clipped:
+            log.warning("round %d: %s claimed %d samples; counted as %d "
+                        "(topology.max_examples_factor = %g x the round's median)",
+                        server_round, clip.sender, clip.claimed, clip.counted,
+                        self.max_examples_factor)
+        for failure in failures:
+            log.warning("round %d: %s", server_round, describe_failure(failure))
+        self._wire.settle(accepted, results, failures)
+        summary = self._summary(server_round, accepted, rejected, failures)
+        summary.clipped = clipped_record(clipped)
+        if mean is None:
+            return RoundAggregate(None, {}, summary)
+        all_failures = list(failures) + [ValueError(reason) for reason in rejected.values()]
+        parameters, metrics = running_mean.weighted_mean_result(self.inner, mean, accepted,
+                                                                all_failures)
+        if parameters is not None:
+            parameters = self._as_model_dtypes(server_round, parameters)
+        return RoundAggregate(parameters, metrics, summary)
 
 
 def clipped_record(clipped: list[Clipped]) -> dict[str, dict[str, int]]:

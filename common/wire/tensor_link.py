@@ -220,14 +220,17 @@ class LinkChannel:
 
     def _retried(self, what: str, call: Callable, timeout: float | None):
         """``call`` with the stubs, tried again (like the Flower link) while the server is
-        unavailable; any other refusal is final."""
+        unavailable or at its limit of concurrent calls; any other refusal is final."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.2
         for attempt in range(1, RETRIES + 1):
             try:
                 return call(*self._stubs())
             except grpc.RpcError as error:
-                retry = (error.code() == grpc.StatusCode.UNAVAILABLE and attempt < RETRIES
+                busy = (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        and "concurrent rpc limit" in str(error.details()).lower())
+                retry = ((error.code() == grpc.StatusCode.UNAVAILABLE or busy)
+                         and attempt < RETRIES
                          and (deadline is None or time.monotonic() + delay < deadline))
                 if not retry:
                     raise LinkError(f"tensor-link {what} at {self.address} failed: "

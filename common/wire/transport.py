@@ -102,6 +102,7 @@ from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import (
     InsWrapper,
     ResWrapper,
 )
+from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import Status as BridgeStatus
 from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as MessageStrategy
@@ -271,6 +272,21 @@ class _MeteredBridge(GrpcBridge):
     def __init__(self, meter: TrafficMeter) -> None:
         super().__init__()
         self._meter = meter
+
+    def ins_wrapper_iterator(self) -> Iterator[InsWrapper]:
+        """Flower's, except that it lets go of each instruction once it was taken (Flower's
+        keeps the last one, a whole model, until the next)."""
+        while not self._is_closed():
+            with self._cv:
+                self._cv.wait_for(lambda: self._status in (BridgeStatus.CLOSED,
+                                                           BridgeStatus.INS_WRAPPER_AVAILABLE))
+                self._raise_if_closed()
+                ins_wrapper, self._ins_wrapper = self._ins_wrapper, None
+                self._transition(BridgeStatus.AWAITING_RES_WRAPPER)
+            if ins_wrapper is None:
+                raise ValueError("InsWrapper can not be None")
+            yield ins_wrapper
+            del ins_wrapper
 
     def request(self, ins_wrapper: InsWrapper) -> ResWrapper:
         message = ins_wrapper.server_message
@@ -523,17 +539,24 @@ def _stream(bridge: GrpcBridge, request_iterator: Iterator[ClientMessage],
     """Flower's ``FlowerServiceServicer.Join`` loop: instructions out, answers in."""
     answers = TimeoutIterator(iterator=request_iterator, reset_on_next=True)
     for ins_wrapper in bridge.ins_wrapper_iterator():
-        yield ins_wrapper.server_message
-        if ins_wrapper.timeout is not None:
-            answers.set_timeout(ins_wrapper.timeout)
+        # Each message is let go of once used: a generator's locals live until its next
+        # step, i.e. a connection would hold its last instruction and answer (two models
+        # inside Flower's messages) until its next round.
+        message, timeout = ins_wrapper.server_message, ins_wrapper.timeout
+        del ins_wrapper
+        yield message
+        del message
+        if timeout is not None:
+            answers.set_timeout(timeout)
         try:
             answer = next(answers)
         except StopIteration:
             return
         if answer is answers.get_sentinel():
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"Timeout of {ins_wrapper.timeout}sec was exceeded.")
+                          f"Timeout of {timeout}sec was exceeded.")
         bridge.set_res_wrapper(res_wrapper=ResWrapper(client_message=answer))
+        del answer
 
 
 class Refused(Exception):
@@ -613,6 +636,7 @@ def start_flower_server(
     certificates: tuple[bytes, bytes, bytes] | None = None,
     admission: Admission | None = None,
     tensor_link_enabled: bool = True,
+    peers: int = 0,
 ) -> grpc.Server:
     """Start Flower's gRPC bidirectional-stream server with metered bridges (non-blocking).
 
@@ -620,8 +644,10 @@ def start_flower_server(
     the servicer builds metered bridges; with an ``admission`` it identifies every peer
     (mutual TLS when ``admission.certified``: see the module docstring); and the same server
     serves the tensor link (:mod:`fedphd.common.wire.tensor_link`) to the peers that declare
-    it, unless ``tensor_link_enabled`` is false.
+    it, unless ``tensor_link_enabled`` is false. ``peers``: how many may connect at once
+    (sizes the server's concurrency, :func:`concurrent_rpcs`).
     """
+    workers = concurrent_rpcs(peers)
     depot = None
     if admission is None:
         servicer = FlowerServiceServicer(
@@ -632,11 +658,13 @@ def start_flower_server(
             depot = tensor_link.TensorDepot(max_message_length, meter, _call_fingerprint)
         servicer = _IdentifyingServicer(client_manager, meter, admission, depot)
     if certificates is not None and admission is not None and admission.certified:
-        server = _mutual_tls_server(servicer, address, max_message_length, certificates)
+        server = _mutual_tls_server(servicer, address, max_message_length, certificates,
+                                    workers)
     else:
         server = generic_create_grpc_server(
             servicer_and_add_fn=(servicer, add_FlowerServiceServicer_to_server),
             server_address=address,
+            max_concurrent_workers=workers,
             max_message_length=max_message_length,
             certificates=certificates,
         )
@@ -656,22 +684,30 @@ MAX_CONCURRENT_WORKERS = 1000  # Flower's default
 KEEPALIVE_TIME_MS = 210_000  # Flower's: some clouds drop TCP connections idle for 4 minutes
 
 
+def concurrent_rpcs(peers: int) -> int:
+    """RPCs (and handler threads) a server allows at once: each connected peer's Flower stream
+    holds one for as long as it is connected, and a tensor-link transfer takes another, so
+    Flower's fixed 1,000 would refuse every transfer of an edge with 1,000 clients."""
+    return max(MAX_CONCURRENT_WORKERS, 2 * peers + 64)
+
+
 def _mutual_tls_server(servicer: FlowerServiceServicer, address: str, max_message_length: int,
-                       certificates: tuple[bytes, bytes, bytes]) -> grpc.Server:
+                       certificates: tuple[bytes, bytes, bytes],
+                       workers: int = MAX_CONCURRENT_WORKERS) -> grpc.Server:
     """Flower's ``generic_create_grpc_server`` with ``require_client_auth=True``: the same
     options, and peers must present a certificate signed by the CA of ``certificates``."""
     if is_port_in_use(address):
         sys.exit(f"Port in server address {address} is already in use.")
     options = [
-        ("grpc.max_concurrent_streams", max(100, MAX_CONCURRENT_WORKERS)),
+        ("grpc.max_concurrent_streams", max(100, workers)),
         ("grpc.max_send_message_length", max_message_length),
         ("grpc.max_receive_message_length", max_message_length),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 0),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_WORKERS),
-                         maximum_concurrent_rpcs=MAX_CONCURRENT_WORKERS, options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         maximum_concurrent_rpcs=workers, options=options)
     add_FlowerServiceServicer_to_server(servicer, server)
     ca, certificate, key = certificates
     credentials = grpc.ssl_server_credentials(((key, certificate),), root_certificates=ca,
