@@ -21,7 +21,6 @@ the rounds, and the client hosts' summed peak.
     python -m bench.scale                         # 50, 200, 500, 1000 clients, 250 per process
     python -m bench.scale --quick                 # 6 clients, 3 per process (< 2 min)
     python -m bench.scale --clients 200 --list-path   # the edge holding every answer
-    python -m bench.scale --clients 200 --release-streams   # a proposed transport fix
     python -m bench.scale --clients 50 --clients-per-process 1 --keep-models  # as shipped
 """
 
@@ -65,8 +64,7 @@ POLL_SECONDS = 0.5
 # state, the model it received, message copies and activations while it trains), a lean one
 # ~13 MiB (its connection keeps the last instruction and answer between rounds); the edge
 # ~17 MiB per client on the list path (every answer of a round at once) and ~9 MiB with the
-# running sum (each connection's stream keeps its last instruction and answer, see
-# bench/stream_release.py).
+# running sum as measured before connections let go of their last instruction and answer.
 PROCESS_MIB = 950
 CLIENT_MIB = 45
 LEAN_CLIENT_MIB = 14
@@ -111,11 +109,11 @@ def memory_needed_mib(clients: int, per_process: int, list_path: bool = True,
 
 
 def plan(cfg: RunConfig, config: Path, run_dir: Path, per_process: int,
-         keep_models: bool = False, release_streams: bool = False) -> list[Role]:
+         keep_models: bool = False) -> list[Role]:
     """Cloud, edge, then the client hosts (their ids in blocks of ``per_process``)."""
     topology = cfg.topology
     base = [sys.executable, "-m"]
-    edge_program = "bench.stream_release" if release_streams else "fedphd.common.commands.cli"
+    edge_program = "fedphd.common.commands.cli"
     roles = [
         Role("cloud", [*base, "fedphd.common.commands.cli", "cloud", "--config", str(config),
                        "--listen", cloud_address(topology), "--out", str(run_dir)]),
@@ -198,9 +196,8 @@ def _report_rounds(run_dir: Path, reported: int, label: str) -> int:
 
 def measure(clients: int, per_process: int, rounds: int, local_steps: int, out: Path,
             timeout: float, extra: list[str], list_path: bool = False,
-            keep_models: bool = False, release_streams: bool = False) -> dict[str, Any]:
-    label = (f"{clients} clients" + (" (list path)" if list_path else "")
-             + (" (streams released)" if release_streams else ""))
+            keep_models: bool = False) -> dict[str, Any]:
+    label = f"{clients} clients" + (" (list path)" if list_path else "")
     hosts = math.ceil(clients / per_process)
     needed = memory_needed_mib(clients, per_process, list_path, keep_models)
     available = available_mib()
@@ -211,23 +208,21 @@ def measure(clients: int, per_process: int, rounds: int, local_steps: int, out: 
     strategy = [f"topology.edge_strategy={LIST_FEDAVG}"] if list_path else []
     cfg = derive_config(DEFAULT_CONFIG, [*scale_overrides(clients, rounds, local_steps),
                                          *loopback_overrides(), *strategy, *extra])
-    run_dir = out / (f"clients-{clients}{'-list' if list_path else ''}"
-                     f"{'-released' if release_streams else ''}")
+    run_dir = out / f"clients-{clients}{'-list' if list_path else ''}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     config = write_config(cfg, run_dir / "config.toml")
     progress(f"{label}: cloud, edge and {hosts} client processes ({per_process} per process)")
     start = time.monotonic()
-    watch = run_deployment(plan(cfg, config, run_dir, per_process, keep_models,
-                                release_streams), run_dir, rounds, timeout, label)
+    watch = run_deployment(plan(cfg, config, run_dir, per_process, keep_models), run_dir,
+                           rounds, timeout, label)
     records = read_metrics(run_dir / "metrics.jsonl")
     cloud = tier(records, "cloud")
     steady = [r for r in cloud if r["round"] >= 2] or cloud
     edge = [r for r in tier(records, "edge") if r["cloud_round"] >= 2] or tier(records, "edge")
     return {
         "clients": clients, "processes": hosts, "local_steps": local_steps,
-        "aggregation": (edge[-1].get("aggregation", "list") if edge else "")
-        + (", streams released" if release_streams else ""),
+        "aggregation": edge[-1].get("aggregation", "list") if edge else "",
         "participants": len(steady[-1]["participants"]) if steady else 0,
         "edge_clients_answered": len(edge[-1]["clients"]) if edge else 0,
         "round_seconds": [r["seconds"] for r in cloud],
@@ -285,9 +280,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="the edge holds every answer until the round ends (ListFedAvg)")
     parser.add_argument("--list-path-at", default="",
                         help="comma-separated client counts also measured with --list-path")
-    parser.add_argument("--release-streams", action="store_true",
-                        help="run the edge with bench.stream_release (a proposed fix: each "
-                        "connection drops its last instruction and answer)")
     parser.add_argument("--keep-models", action="store_true",
                         help="client hosts keep each client's model (the product's client)")
     parser.add_argument("--local-steps", type=int, default=1, help="per client (default 1)")
@@ -309,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     for clients, list_path in points:
         result["sizes"].append(measure(clients, per_process, args.rounds, args.local_steps,
                                        out, args.timeout, args.overrides, list_path,
-                                       args.keep_models, args.release_streams))
+                                       args.keep_models))
         (out / "scale.json").write_text(json.dumps(result, indent=2))
         (out / "scale.md").write_text(render(result) + "\n")  # what finished so far
     table = render(result)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 
 import numpy as np
 
@@ -27,14 +28,24 @@ def npy_bytes(array: np.ndarray) -> bytes:
         raise CodecError("object (pickled) arrays cannot be sent")
     if not (array.flags.c_contiguous or array.flags.f_contiguous):
         array = np.ascontiguousarray(array)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
-    header_bytes = header.getvalue()
+    fortran = not array.flags.c_contiguous
+    header_bytes = _header_bytes(array.dtype.str if array.dtype.names is None else array.dtype,
+                                 array.shape, fortran)
     blob = _blob_holding(array, header_bytes)
     if blob is not None:
         return blob
     # A Fortran-ordered array is written in its own order, as np.save does (the header says so).
     return b"".join((header_bytes, raw_bytes(array if array.flags.c_contiguous else array.T)))
+
+
+@functools.lru_cache(maxsize=8192)
+def _header_bytes(dtype: object, shape: tuple[int, ...], fortran: bool) -> bytes:
+    """np.save's version-1.0 header (cached: a model's tensors have the same every round)."""
+    header = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": descr, "fortran_order": fortran, "shape": shape})
+    return header.getvalue()
 
 
 def _blob_holding(array: np.ndarray, header: bytes) -> bytes | None:
@@ -66,16 +77,14 @@ def load_tensor(index: int, blob: bytes) -> np.ndarray:
     header claims or hand it pickled objects: the declared size must equal the bytes that
     follow. The array is a read-only view of ``blob`` (no copy).
     """
-    view = memoryview(blob)
     try:
-        offset, (shape, fortran, dtype) = _header(bytes(view[:_MAX_HEADER_PROBE]))
+        offset, (shape, fortran, dtype, count) = _header(blob)
     except (ValueError, EOFError, OSError, SyntaxError, TypeError) as error:
         raise CodecError(f"malformed tensor {index}: not an npy tensor ({error})") from None
     if dtype.hasobject:
         raise CodecError(f"malformed tensor {index}: object (pickled) arrays are refused")
-    count = int(np.prod(shape, dtype=np.float64))
     declared = count * dtype.itemsize
-    carried = len(view) - offset
+    carried = len(blob) - offset
     if declared != carried:
         raise CodecError(f"malformed tensor {index}: header declares {dtype}{tuple(shape)} = "
                          f"{declared} bytes but {carried} bytes follow (truncated or padded "
@@ -85,28 +94,27 @@ def load_tensor(index: int, blob: bytes) -> np.ndarray:
 
 
 # Magic (6) + version (2) + header length (2 or 4), then a header that np.save pads to 64.
-_MAX_HEADER_PROBE = 4096
-_PREFIX_V1, _PREFIX_V2 = 10, 12
+_MAGIC = b"\x93NUMPY"
+_LENGTH_BYTES = {1: 2, 2: 4, 3: 4}  # by major version
 
 
-def _header(start: bytes) -> tuple[int, tuple[tuple[int, ...], bool, np.dtype]]:
-    """(data offset, (shape, Fortran order, dtype)) of an ``.npy`` blob beginning ``start``."""
-    stream = io.BytesIO(start)
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        length = int.from_bytes(start[8:10], "little") + _PREFIX_V1
-    elif version in ((2, 0), (3, 0)):
-        length = int.from_bytes(start[8:12], "little") + _PREFIX_V2
-    else:
-        raise ValueError(f"unsupported npy version {version}")
-    if length > len(start):
+def _header(blob: bytes) -> tuple[int, tuple[tuple[int, ...], bool, np.dtype, int]]:
+    """(data offset, (shape, Fortran order, dtype, element count)) of an ``.npy`` blob."""
+    if blob[:6] != _MAGIC or len(blob) < 10:
+        raise ValueError("no npy magic string")
+    major, minor = blob[6], blob[7]
+    if major not in _LENGTH_BYTES or minor != 0:
+        raise ValueError(f"unsupported npy version {(major, minor)}")
+    width = _LENGTH_BYTES[major]
+    length = 8 + width + int.from_bytes(blob[8:8 + width], "little")
+    if length > len(blob):
         raise ValueError(f"a header of {length} bytes")
-    return length, _parse_header(version, start[:length])
+    return length, _parse_header((major, minor), bytes(blob[:length]))
 
 
 @functools.lru_cache(maxsize=8192)
 def _parse_header(version: tuple[int, int], header: bytes) -> tuple[tuple[int, ...], bool,
-                                                                     np.dtype]:
+                                                                     np.dtype, int]:
     """numpy's own header reader (its ``literal_eval`` costs ~1 ms a tensor), cached: a model's
     headers are the same every round."""
     stream = io.BytesIO(header)
@@ -114,4 +122,4 @@ def _parse_header(version: tuple[int, int], header: bytes) -> tuple[tuple[int, .
     reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
               else np.lib.format.read_array_header_2_0)
     shape, fortran, dtype = reader(stream)
-    return tuple(shape), bool(fortran), dtype
+    return tuple(shape), bool(fortran), dtype, math.prod(shape)
