@@ -54,6 +54,19 @@ def test_training_overhead_quick_ends_with_a_ratio(tmp_path):
 
 
 @pytest.mark.slow
+def test_training_overhead_without_the_bare_loop_reports_pruning_speedup(tmp_path):
+    """The form the ddpm-cifar10 preset runs in (tiny here): pruned vs unpruned only."""
+    result = bench("training_overhead", "--preset", "tiny", "--no-bare", "--steps", "1",
+                   "--warmup", "1", "--repeats", "1", "--out", str(tmp_path))
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"pruned_speedup: \d+\.\d{4}", last), last
+    assert "bare PyTorch loop" not in result.stdout and "images/s" in result.stdout
+    saved = json.loads((tmp_path / "training_overhead.json").read_text())
+    assert "bare" not in saved["seconds"] and saved["preset"] == "tiny"
+    assert saved["pruned_speedup"] > 0
+
+
+@pytest.mark.slow
 def test_scale_quick_writes_its_table(tmp_path):
     bench("scale", "--quick", "--rounds", "2", "--out", str(tmp_path))
     saved = json.loads((tmp_path / "scale.json").read_text())
