@@ -70,6 +70,10 @@ class LinkError(ConnectionError):
     """A transfer on the tensor link that failed; the message says which and why."""
 
 
+class TooLarge(LinkError):
+    """The server refused an upload over its message limit (retrying cannot help)."""
+
+
 @dataclass
 class _Ticket:
     """One instruction's tensors on their way down and its answer's on their way up."""
@@ -233,8 +237,10 @@ class LinkChannel:
                          and attempt < RETRIES
                          and (deadline is None or time.monotonic() + delay < deadline))
                 if not retry:
-                    raise LinkError(f"tensor-link {what} at {self.address} failed: "
-                                    f"{error.code().name}: {error.details()}") from None
+                    refused = (TooLarge if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                               and not busy else LinkError)
+                    raise refused(f"tensor-link {what} at {self.address} failed: "
+                                  f"{error.code().name}: {error.details()}") from None
                 log.warning("tensor-link %s at %s: %s; trying again", what, self.address,
                             error.details())
                 time.sleep(delay)

@@ -900,6 +900,12 @@ class _SessionCounter(Client):
 LINK_TIMEOUT = 1800.0  # seconds for one transfer on the tensor link (a slow WAN, 143 MB)
 
 
+class _GiveUp(BaseException):
+    """A refusal that ends this client's session for good, as on Flower's own link (a
+    ``BaseException`` leaves Flower's client loop at once; :func:`connect_client` raises it
+    as a one-line ``ConnectionError``)."""
+
+
 class _LinkedClient(Client):
     """A client that speaks the tensor link: it declares it when asked who it is, fetches an
     instruction's tensors from the server that sent a ticket, and uploads its answer's
@@ -908,9 +914,11 @@ class _LinkedClient(Client):
     The wrapped client sees ``Parameters`` as always, and ``RECEIVED_BYTES_KEY`` in the
     config: the instruction's bytes as its server metered them (Flower message + link)."""
 
-    def __init__(self, client: Client, channel: tensor_link.LinkChannel) -> None:
+    def __init__(self, client: Client, channel: tensor_link.LinkChannel,
+                 max_message_length: int = GRPC_MAX_MESSAGE_LENGTH) -> None:
         self.client = client
         self.channel = channel
+        self.max_message_length = max_message_length
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
         res = self.client.get_properties(ins)
@@ -932,6 +940,10 @@ class _LinkedClient(Client):
             return res
         try:
             self.channel.put(ticket, res.parameters.tensors, LINK_TIMEOUT)
+        except tensor_link.TooLarge as error:
+            # What Flower's link does with an answer over the server's limit: stop, saying why.
+            raise _GiveUp(message_too_large(self.channel.address, self.max_message_length,
+                                            str(error))) from None
         except tensor_link.LinkError as error:
             log.warning("%s", error)
             return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, str(error)), Parameters([], ""), 0, {})
@@ -1096,8 +1108,10 @@ def connect_client(
                               client_certificate), address)
     try:
         with _presenting(client_certificate):
-            _connect(address, _LinkedClient(client, channel), max_message_length,
-                     root_certificates, max_wait_time)
+            _connect(address, _LinkedClient(client, channel, max_message_length),
+                     max_message_length, root_certificates, max_wait_time)
+    except _GiveUp as stop:
+        raise ConnectionError(str(stop)) from None
     finally:
         channel.close()
 
