@@ -969,7 +969,11 @@ class _LinkedClient(Client):
         # Measured as the server metered it: the Flower message with the ticket in it.
         message_size = _instruction("fit_ins" if isinstance(ins, FitIns) else "evaluate_ins",
                                     ins)[1]
-        tensors = self.channel.fetch(ticket, LINK_TIMEOUT)
+        try:
+            tensors = self.channel.fetch(ticket, LINK_TIMEOUT)
+        except tensor_link.TooLarge as error:
+            raise _GiveUp(message_too_large(self.channel.address, self.max_message_length,
+                                            str(error))) from None
         config = {key: value for key, value in ins.config.items()
                   if key != tensor_link.TICKET_KEY}
         config[tensor_link.RECEIVED_BYTES_KEY] = message_size + sum(len(t) for t in tensors)
