@@ -268,6 +268,22 @@ class ManagedStrategy(Strategy):
         and summarise the round."""
         accepted, rejected = self._accept(server_round, results)
         accepted, clipped = bound_examples(accepted, self.max_examples_factor)
+        summary = self._settle(server_round, accepted, results, failures, rejected, clipped)
+        if not accepted:
+            return RoundAggregate(None, {}, summary)
+        all_failures = list(failures) + [ValueError(reason) for reason in rejected.values()]
+        parameters, metrics = self.inner.aggregate_fit(server_round, accepted, all_failures)
+        if parameters is not None:
+            parameters = self._as_model_dtypes(server_round, parameters)
+        return RoundAggregate(parameters, metrics, summary)
+
+    def _settle(
+        self, server_round: int, accepted: list[tuple[ClientProxy, FitRes]],
+        results: list[tuple[ClientProxy, FitRes]], failures: list, rejected: dict[str, str],
+        clipped: list[Clipped],
+    ) -> RoundSummary:
+        """Log the round's clipped claims and failures, record what each receiver holds, and
+        summarise the round (both aggregation paths)."""
         for clip in clipped:
             log.warning("round %d: %s claimed %d samples; counted as %d "
                         "(topology.max_examples_factor = %g x the round's median)",
@@ -278,13 +294,7 @@ class ManagedStrategy(Strategy):
         self._wire.settle(accepted, results, failures)
         summary = self._summary(server_round, accepted, rejected, failures)
         summary.clipped = clipped_record(clipped)
-        if not accepted:
-            return RoundAggregate(None, {}, summary)
-        all_failures = list(failures) + [ValueError(reason) for reason in rejected.values()]
-        parameters, metrics = self.inner.aggregate_fit(server_round, accepted, all_failures)
-        if parameters is not None:
-            parameters = self._as_model_dtypes(server_round, parameters)
-        return RoundAggregate(parameters, metrics, summary)
+        return summary
 
     def _accept(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
@@ -429,16 +439,7 @@ class ManagedStrategy(Strategy):
         """:meth:`aggregate_round` for answers already checked and folded (``results``:
         their metadata only): the same records, the same model as the inner strategy's."""
         accepted, clipped, mean = folded.finish()
-        for clip in clipped:
-            log.warning("round %d: %s claimed %d samples; counted as %d "
-                        "(topology.max_examples_factor = %g x the round's median)",
-                        server_round, clip.sender, clip.claimed, clip.counted,
-                        self.max_examples_factor)
-        for failure in failures:
-            log.warning("round %d: %s", server_round, describe_failure(failure))
-        self._wire.settle(accepted, results, failures)
-        summary = self._summary(server_round, accepted, rejected, failures)
-        summary.clipped = clipped_record(clipped)
+        summary = self._settle(server_round, accepted, results, failures, rejected, clipped)
         if mean is None:
             return RoundAggregate(None, {}, summary)
         all_failures = list(failures) + [ValueError(reason) for reason in rejected.values()]

@@ -906,6 +906,12 @@ class _GiveUp(BaseException):
     as a one-line ``ConnectionError``)."""
 
 
+def _failed_fit(error: tensor_link.LinkError) -> FitRes:
+    """An error answer for a transfer on the tensor link that failed (logged)."""
+    log.warning("%s", error)
+    return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, str(error)), Parameters([], ""), 0, {})
+
+
 class _LinkedClient(Client):
     """A client that speaks the tensor link: it declares it when asked who it is, fetches an
     instruction's tensors from the server that sent a ticket, and uploads its answer's
@@ -933,20 +939,14 @@ class _LinkedClient(Client):
         try:
             ticket, fetched = self._fetch(ins)
         except tensor_link.LinkError as error:
-            log.warning("%s", error)
-            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, str(error)), Parameters([], ""), 0, {})
+            return _failed_fit(error)
         res = self.client.fit(fetched)
         if res.status.code != Code.OK or not res.parameters.tensors:
             return res
         try:
-            self.channel.put(ticket, res.parameters.tensors, LINK_TIMEOUT)
-        except tensor_link.TooLarge as error:
-            # What Flower's link does with an answer over the server's limit: stop, saying why.
-            raise _GiveUp(message_too_large(self.channel.address, self.max_message_length,
-                                            str(error))) from None
+            self._over_limit_ends_session(self.channel.put, ticket, res.parameters.tensors)
         except tensor_link.LinkError as error:
-            log.warning("%s", error)
-            return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, str(error)), Parameters([], ""), 0, {})
+            return _failed_fit(error)
         linked = Parameters([], tensor_link.link_type(res.parameters.tensor_type))
         return FitRes(res.status, linked, res.num_examples, res.metrics)
 
@@ -960,6 +960,15 @@ class _LinkedClient(Client):
             return EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, str(error)), 0.0, 0, {})
         return self.client.evaluate(fetched)
 
+    def _over_limit_ends_session(self, transfer, *args):
+        """``transfer(*args, LINK_TIMEOUT)``; one over a message limit ends the session,
+        saying why, as on Flower's own link."""
+        try:
+            return transfer(*args, LINK_TIMEOUT)
+        except tensor_link.TooLarge as error:
+            raise _GiveUp(message_too_large(self.channel.address, self.max_message_length,
+                                            str(error))) from None
+
     def _fetch(self, ins: FitIns | EvaluateIns) -> tuple[str, FitIns | EvaluateIns]:
         """The ticket, and the instruction with its tensors fetched from the link."""
         ticket = ins.config.get(tensor_link.TICKET_KEY)
@@ -969,11 +978,7 @@ class _LinkedClient(Client):
         # Measured as the server metered it: the Flower message with the ticket in it.
         message_size = _instruction("fit_ins" if isinstance(ins, FitIns) else "evaluate_ins",
                                     ins)[1]
-        try:
-            tensors = self.channel.fetch(ticket, LINK_TIMEOUT)
-        except tensor_link.TooLarge as error:
-            raise _GiveUp(message_too_large(self.channel.address, self.max_message_length,
-                                            str(error))) from None
+        tensors = self._over_limit_ends_session(self.channel.fetch, ticket)
         config = {key: value for key, value in ins.config.items()
                   if key != tensor_link.TICKET_KEY}
         config[tensor_link.RECEIVED_BYTES_KEY] = message_size + sum(len(t) for t in tensors)
