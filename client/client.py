@@ -246,10 +246,16 @@ class DiffusionClient(Client):
         sent_at = shared.sent_at(names)
         part = self.link.receive(ins.parameters, ins.config)
         own = model_views(model)
+        # Hashed while the model loads and trains and the answer is encoded: what the model
+        # holds once loaded is ``part`` itself where it has the model's dtypes.
+        same_dtypes = all(array.dtype == own[index].dtype
+                          for index, array in zip(sent_at, part, strict=True))
+        digest = self.link.keep_soon(part) if same_dtypes else None
         load_ndarrays(model, merge(own, part, sent_at))
         reference = as_loaded(own, part, sent_at)
-        # Hashed while the model trains and the answer is encoded.
-        return Received(names, reference, self.link.keep_soon(select(reference, sent_at)))
+        if digest is None:
+            digest = self.link.keep_soon(select(reference, sent_at))
+        return Received(names, reference, digest)
 
     def _train(self, config: dict[str, Scalar], steps: int, lr: float) -> Trained:
         """Local training with the terms of the methods the instruction asks for; the terms

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedphd.common.commands.cli import add_config_args, config_from_args
 from fedphd.common.core.models import architecture_to_json, unet_config
-from fedphd.common.federation.held import encode_reply
+from fedphd.common.federation.held import Rebuilt, encode_reply
 from fedphd.common.federation.instructions import client_instruction
 from fedphd.common.federation.rounds import RoundOutcome, round_record, run_fit_round
 from fedphd.common.federation.strategy import (
@@ -195,7 +195,8 @@ class EdgeAggregator(Client):
         # Hashed while the edge rounds run.
         received_digest = self.carried.held.keep_soon(global_arrays)
         global_parameters = ndarrays_to_parameters(global_arrays)
-        strategy = self._edge_strategy(global_parameters, ins.config, cloud_round)
+        strategy = self._edge_strategy(global_parameters, ins.config, cloud_round,
+                                       Rebuilt(global_arrays, received_digest))
         rounds = self._run_edge_rounds(strategy, global_parameters, ins.config, cloud_round)
         if rounds.last is None:
             raise NoAggregate(f"edge {self.edge_id}: no edge round produced an aggregate "
@@ -213,7 +214,8 @@ class EdgeAggregator(Client):
             self.carried = rewind
 
     def _edge_strategy(
-        self, global_parameters: Parameters, config: dict, cloud_round: int
+        self, global_parameters: Parameters, config: dict, cloud_round: int,
+        received: Rebuilt,
     ) -> ManagedStrategy:
         # A fresh strategy per cloud round: after a cloud aggregation every edge restarts from
         # the global model, including any server-side optimiser state of its strategy.
@@ -228,7 +230,7 @@ class EdgeAggregator(Client):
             inner,
             {**client_instruction(self.cfg, arch_json, forwarded), CLOUD_ROUND_KEY: cloud_round},
             self.cfg.codec, held=carried.client_models, link="edge",
-            max_examples_factor=topology.max_examples_factor,
+            max_examples_factor=topology.max_examples_factor, forwarded=received,
         )
 
     def _run_edge_rounds(

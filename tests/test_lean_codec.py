@@ -65,3 +65,41 @@ def test_a_digest_computed_in_the_background_is_the_digest_and_copies_as_it():
     assert copy.deepcopy(held).__dict__["_digest"] == sha.hexdigest()
     assert copy.copy(codec.PendingDigest(model)) == sha.hexdigest()  # what pickling writes
     assert Rebuilt.of(model).digest == sha.hexdigest()
+
+
+def test_many_small_tensors_hash_as_each_fed_in_turn():
+    rng = np.random.default_rng(1)
+    model = [rng.standard_normal(int(n)).astype(np.float32) for n in rng.integers(0, 900, 300)]
+    model[10:10] = [np.ones((600, 600), np.float32), np.asfortranarray(np.ones((40, 30))),
+                    np.arange(70_000, dtype=np.int64)]
+    sha = hashlib.sha256()
+    for array in model:
+        sha.update(f"{array.dtype.str}{array.shape}".encode())
+        sha.update(np.ascontiguousarray(array).tobytes())
+    assert codec.digest(model) == sha.hexdigest()
+    assert codec.PendingDigest(model, idle=True).result() == sha.hexdigest()
+
+
+def test_a_snapshot_of_a_held_model_shares_its_arrays():
+    held = HeldModel()
+    held.keep(ARRAYS[:2])
+    snapshot = copy.deepcopy(held)
+    assert all(a is b for a, b in zip(snapshot.arrays, held.arrays, strict=True))
+    assert snapshot.arrays is not held.arrays and snapshot.digest == held.digest
+
+
+def test_a_forwarded_model_keeps_the_digest_it_was_received_with():
+    from fedphd.common.federation.downlink import Downlink
+    from fedphd.common.federation.sharing import Layout
+
+    received = codec.decode(codec.encode([np.arange(6, dtype=np.float32), np.ones(3)], "fp32"))
+    pending = codec.PendingDigest(received)
+    layout = Layout.whole(len(received))
+    downlink = Downlink("fp32", True, forwarded=Rebuilt(received, pending))
+    downlink.encode_for("c1", received, layout, np.random.default_rng(0))
+    assert downlink.sent_to("c1").pending_digest is pending  # not hashed again
+    other = [np.arange(6, dtype=np.float32), np.ones(3)]  # equal values, other memory
+    downlink.begin_round({"c1"})
+    downlink.encode_for("c1", other, layout, np.random.default_rng(0))
+    assert downlink.sent_to("c1").pending_digest is not pending
+    assert downlink.sent_to("c1").digest == pending.result()

@@ -163,3 +163,34 @@ def test_a_run_over_the_link_trains_the_model_of_a_run_without_it(tmp_path, port
     second = [r for r in runs["true"][1] if r["tier"] == "edge"][-1]["bytes"]["edge->client"]
     first = [r for r in runs["true"][1] if r["tier"] == "edge"][0]["bytes"]["edge->client"]
     assert second < first / 3
+
+
+def test_small_tensors_travel_in_frames_that_split_back_to_the_same_blobs():
+    rng = np.random.default_rng(5)
+    blobs = random_payload(rng, 300).tensors
+    blobs[7:7] = [codec.encode([np.ones((600, 600), np.float32)], "fp32").tensors[0],
+                  b"not an npy blob", b""]
+    messages = list(tensor_link.frames(blobs, limit=300_000))
+    # Fewer gRPC messages, never one over the limit unless a tensor alone is, the same bytes.
+    assert len(messages) < len(blobs) / 5
+    assert all(len(m) <= 300_000 or m in blobs for m in messages)
+    assert sum(len(m) for m in messages) == sum(len(b) for b in blobs)
+    assert [b for m in messages for b in tensor_link.split_frame(m)] == blobs
+    # What is not exactly a run of whole .npy blobs is passed on as it came.
+    assert tensor_link.split_frame(blobs[0][:-1] + b"x") == [blobs[0][:-1] + b"x"]
+    assert tensor_link.split_frame(blobs[0] + blobs[1][:-3]) == [blobs[0] + blobs[1][:-3]]
+
+
+def test_a_framed_fetch_and_upload_move_and_meter_exactly_the_blobs(depot):
+    blobs = random_payload(np.random.default_rng(6), 150).tensors
+    small = Depot(max_upload=sum(len(b) for b in blobs) + 100)
+    try:
+        ticket = small.depot.offer("peer", blobs, None)
+        assert small.channel.fetch(ticket, timeout=10) == blobs
+        small.channel.put(ticket, blobs[::-1], timeout=10)
+        assert small.depot.claim(ticket) == blobs[::-1]
+        traffic = small.meter.take()
+        assert traffic.down == sum(len(b) for b in blobs)
+        assert traffic.up == sum(len(b) for b in blobs) + len(ticket)
+    finally:
+        small.close()

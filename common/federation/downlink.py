@@ -22,10 +22,14 @@ class Downlink:
     """Encodes the global model for each receiver and tracks what each receiver holds."""
 
     def __init__(
-        self, codec_name: str, per_channel: bool, held: dict[str, Rebuilt] | None = None
+        self, codec_name: str, per_channel: bool, held: dict[str, Rebuilt] | None = None,
+        forwarded: Rebuilt | None = None,
     ) -> None:
         self.codec_name = codec_name
         self.per_channel = per_channel
+        # The model the server itself received, when known: sent on as it is (an edge's
+        # fp32 downlink), its digest need not be computed again.
+        self._forwarded = forwarded
         # Per connection: the model a receiver holds, and the one it rebuilds this round.
         self._held: dict[str, Rebuilt] = dict(held or {})
         self._pending: dict[str, Rebuilt] = {}
@@ -58,8 +62,14 @@ class Downlink:
         key = (name, layout.sent_groups)
         if key not in self._cache:
             wire = codec.encode(model, name)
-            self._cache[key] = (wire, Rebuilt.of(codec.decode(wire)))
+            self._cache[key] = (wire, self._rebuilt(codec.decode(wire)))
         return self._cache[key]
+
+    def _rebuilt(self, arrays: list[np.ndarray]) -> Rebuilt:
+        forwarded = self._forwarded
+        if forwarded is not None and forwarded.is_model(arrays):
+            return Rebuilt(arrays, forwarded.pending_digest)
+        return Rebuilt.of(arrays)
 
     def sent_to(self, cid: str) -> Rebuilt | None:
         """The model ``cid`` rebuilds from this round's payload (None: it was sent nothing)."""

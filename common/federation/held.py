@@ -50,6 +50,13 @@ class HeldModel:
         self.arrays, self._digest = arrays, pending
         return pending
 
+    def __deepcopy__(self, memo: dict) -> HeldModel:
+        # A snapshot (the client's round replay) shares the arrays: they never change.
+        held = HeldModel()
+        held.arrays = None if self.arrays is None else list(self.arrays)
+        held._digest = self.digest
+        return held
+
 
 def encode_reply(
     arrays: list[np.ndarray],
@@ -83,6 +90,21 @@ class Rebuilt:
     def digest(self) -> str:
         return codec.resolved(self._digest)
 
+    @property
+    def pending_digest(self) -> str | codec.PendingDigest:
+        """The digest, or its computation when it has not finished (not waited for)."""
+        return self._digest
+
     @classmethod
     def of(cls, arrays: list[np.ndarray]) -> Rebuilt:
-        return cls(arrays, codec.PendingDigest(arrays))
+        """What a sender expects a receiver to rebuild: its digest is read only when the
+        answers are checked, so it is hashed when a core is idle."""
+        return cls(arrays, codec.PendingDigest(arrays, idle=True))
+
+    def is_model(self, arrays: list[np.ndarray]) -> bool:
+        """Whether ``arrays`` are this model's tensors themselves (views of the same memory,
+        same dtypes and shapes): then they have its digest, without hashing them again."""
+        return len(arrays) == len(self.arrays) and all(
+            a.dtype == b.dtype and a.shape == b.shape and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            for a, b in zip(arrays, self.arrays, strict=True))

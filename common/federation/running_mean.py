@@ -204,7 +204,10 @@ class RunningMean:
         if self._sum is None:
             return bounded, clipped, None
         total = sum(res.num_examples for _, res in bounded)
-        return bounded, clipped, [layer / total for layer in self._sum]
+        # In place where the result keeps the sum's dtype (the sum is this object's own):
+        # the same division as ``layer / total``, without a second model-sized allocation.
+        return bounded, clipped, [np.divide(layer, total, out=layer) if layer.dtype.kind == "f"
+                                  else layer / total for layer in self._sum]
 
     def close(self) -> None:
         """Remove what was written to disk (also after a failed round)."""

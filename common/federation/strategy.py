@@ -169,6 +169,7 @@ class ManagedStrategy(Strategy):
         held: dict[str, Rebuilt] | None = None,
         names: list[str] | None = None,
         max_examples_factor: float | None = None,
+        forwarded: Rebuilt | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -182,7 +183,9 @@ class ManagedStrategy(Strategy):
         self.uplink = uplink
         # ``held``: what each connection holds, handed over by a driver that rebuilds its
         # strategy but keeps its connections (an edge, every cloud round); copied.
-        self._wire = Downlink(downlink, per_channel, held)
+        # ``forwarded``: the model this server was itself sent (an edge), whose digest is
+        # known when it is what goes down.
+        self._wire = Downlink(downlink, per_channel, held, forwarded)
         self._reference: list[np.ndarray] = []
         # Per connection this round: positions of the tensors sent and expected back.
         self._layout: dict[str, Layout] = {}
@@ -197,13 +200,15 @@ class ManagedStrategy(Strategy):
         names: list[str] | None = None,
         link: str = "cloud",
         max_examples_factor: float | None = None,
+        forwarded: Rebuilt | None = None,
     ) -> ManagedStrategy:
         """Wrap ``inner`` with the run's ``[codec]`` settings for the links a ``link``
         (``cloud`` or ``edge``) server serves."""
         downlink, uplink = codecs.for_link(link)
         return cls(inner, instruction, downlink=downlink, uplink=uplink,
                    per_channel=codecs.per_channel, error_feedback=codecs.error_feedback,
-                   held=held, names=names, max_examples_factor=max_examples_factor)
+                   held=held, names=names, max_examples_factor=max_examples_factor,
+                   forwarded=forwarded)
 
     def __repr__(self) -> str:
         return f"ManagedStrategy({self.inner!r}, downlink={self.downlink}, uplink={self.uplink})"

@@ -12,8 +12,11 @@ arrays are read-only views of the received bytes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
+import os
 import threading
 
 import numpy as np
@@ -146,11 +149,35 @@ def digest(arrays: list[np.ndarray]) -> str:
     Per tensor ``f"{a.dtype.str}{a.shape}"``, then its C-order bytes; 64 hex digits (what
     every receiver reports, README "Answers")."""
     sha = hashlib.sha256()
+    # Small tensors are hashed together (the digest of a concatenation is that of its parts
+    # fed in turn): hundreds of short updates would each hold the GIL, which the thread
+    # that hashes in the background shares with the round's own work.
+    run: list[bytes | memoryview] = []
+    size = 0
     for array in arrays:
         array = np.ascontiguousarray(array)
-        sha.update(f"{array.dtype.str}{array.shape}".encode())
-        sha.update(raw_bytes(array))
+        data = raw_bytes(array)
+        run.append(_label(array.dtype.str, array.shape))
+        if array.nbytes >= _HASHED_ALONE:
+            sha.update(b"".join(run))
+            sha.update(data)
+            run, size = [], 0
+            continue
+        run.append(data)
+        size += array.nbytes
+        if size >= _HASHED_ALONE:
+            sha.update(b"".join(run))
+            run, size = [], 0
+    sha.update(b"".join(run))
     return sha.hexdigest()
+
+
+_HASHED_ALONE = 1 << 18
+
+
+@functools.lru_cache(maxsize=8192)
+def _label(dtype: str, shape: tuple[int, ...]) -> bytes:
+    return f"{dtype}{shape}".encode()
 
 
 class PendingDigest:
@@ -158,15 +185,22 @@ class PendingDigest:
     (hashlib releases the GIL while it hashes, ~0.09 s per 143 MB here): started when a
     model is received or sent, read when the answer is built or checked. The arrays must not
     change meanwhile (decoded tensors and kept references never do). A copy or a pickle of
-    it is the digest itself."""
+    it is the digest itself.
 
-    def __init__(self, arrays: list[np.ndarray]) -> None:
+    ``idle``: a sender's digest, read only when the answers come back, is hashed at the
+    lowest CPU priority (Linux threads have their own nice value), so that it takes only
+    cores nothing else wants: on a busy machine it would otherwise slow the transfers and the
+    receivers' work it is meant to stay out of the way of."""
+
+    def __init__(self, arrays: list[np.ndarray], idle: bool = False) -> None:
         self._value: str | None = None
-        self._thread = threading.Thread(target=self._run, args=(arrays,), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(arrays, idle), daemon=True,
                                         name="digest")
         self._thread.start()
 
-    def _run(self, arrays: list[np.ndarray]) -> None:
+    def _run(self, arrays: list[np.ndarray], idle: bool) -> None:
+        if idle:
+            _lowest_priority()
         self._value = digest(arrays)
 
     def result(self) -> str:
@@ -180,6 +214,12 @@ class PendingDigest:
 
     def __reduce__(self) -> tuple:
         return (str, (self.result(),))
+
+
+def _lowest_priority() -> None:
+    """Nice 19 for the calling thread (Linux; elsewhere, or where refused, nothing)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def resolved(value: str | PendingDigest) -> str:

@@ -123,3 +123,25 @@ def _parse_header(version: tuple[int, int], header: bytes) -> tuple[tuple[int, .
               else np.lib.format.read_array_header_2_0)
     shape, fortran, dtype = reader(stream)
     return tuple(shape), bool(fortran), dtype, math.prod(shape)
+
+
+def blob_length(buffer: bytes, start: int = 0) -> int | None:
+    """The length of the plain ``.npy`` blob that begins at ``buffer[start]`` (header and
+    data), or None when none does or it would run past the end: what lets blobs sent back to
+    back be told apart without a length prefix."""
+    view = memoryview(buffer)[start:]
+    if len(view) < 10 or view[:6] != _MAGIC:
+        return None
+    major = view[6]
+    width = _LENGTH_BYTES.get(major)
+    if width is None or view[7] != 0:
+        return None
+    length = 8 + width + int.from_bytes(view[8:8 + width], "little")
+    if length > len(view):
+        return None
+    try:
+        _shape, _fortran, dtype, count = _parse_header((major, 0), bytes(view[:length]))
+    except (ValueError, EOFError, OSError, SyntaxError, TypeError):
+        return None
+    total = length + count * dtype.itemsize
+    return None if dtype.hasobject or total > len(view) else total

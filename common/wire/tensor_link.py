@@ -9,12 +9,16 @@ wait in the server's :class:`TensorDepot`. The receiver of the instruction dials
 server address (so it crosses the same NAT and firewalls as its Flower link, with the same
 TLS / mutual-TLS credentials and message limit) and
 
-* ``Fetch(ticket)`` streams the instruction's tensors to it, one gRPC message per tensor;
-* ``Put`` streams its answer's tensors back: the ticket first, then one message per tensor.
+* ``Fetch(ticket)`` streams the instruction's tensors to it;
+* ``Put`` streams its answer's tensors back: the ticket first, then the tensors.
   Its Flower answer then carries ``fedphd.tensor-link:<codec>`` and no tensors.
 
 Both methods use identity serialisers: a tensor is the same ``np.save`` blob Flower would put
-in its message, handed to gRPC as it is, and arrives as one ``bytes`` object. A ticket is a
+in its message, handed to gRPC as it is. A large tensor is a gRPC message of its own (no
+copy); small ones travel back to back in frames of up to 1 MiB (:func:`frames`), because a
+gRPC message costs tens of microseconds of Python on each side and a U-Net has hundreds of
+biases and norms. A ``.npy`` blob's header says how long it is, so a frame needs no length
+prefix and the link moves exactly the blobs' bytes. A ticket is a
 random 128-bit token that only its peer's own Flower stream carried; under mutual TLS the
 caller's certificate must also be the one its peer joined with. An upload may not exceed the
 run's message limit (what one Flower message could carry), and each ticket is fetched and
@@ -35,6 +39,8 @@ from typing import Protocol
 
 import grpc
 
+from fedphd.common.wire import npy
+
 log = logging.getLogger("fedphd.tensor_link")
 
 SERVICE = "fedphd.TensorLink"
@@ -50,6 +56,46 @@ RECEIVED_BYTES_KEY = "fedphd.received_bytes"
 PROPERTY = "fedphd.tensor_link"
 MAX_TENSORS = 100_000  # per upload; the 35.75 M U-Net has 328
 RETRIES = 4  # attempts of a call refused as unavailable, within the instruction's time
+FRAME_BYTES = 4 << 20  # small tensors travel together in gRPC messages of up to this size
+ALONE_BYTES = 1 << 20  # a tensor this large is a message of its own (sent without a copy)
+
+
+def frames(blobs: Iterable[bytes], limit: int = FRAME_BYTES) -> Iterator[bytes]:
+    """``blobs`` as gRPC messages, in order: each large or non-``.npy`` blob alone, runs of
+    small ``.npy`` blobs concatenated up to ``limit`` bytes (:func:`split_frame` undoes it)."""
+    run: list[bytes] = []
+    size = 0
+    for blob in blobs:
+        small = (len(blob) < min(ALONE_BYTES, limit)
+                 and npy.blob_length(blob) == len(blob))
+        if run and (not small or size + len(blob) > limit):
+            yield run[0] if len(run) == 1 else b"".join(run)
+            run, size = [], 0
+        if small:
+            run.append(blob)
+            size += len(blob)
+        else:
+            yield blob
+    if run:
+        yield run[0] if len(run) == 1 else b"".join(run)
+
+
+def split_frame(message: bytes) -> list[bytes]:
+    """The blobs of one link message: the ``.npy`` blobs a frame holds back to back, or the
+    message itself when it is not exactly such a run (a lone tensor, or bytes that are not
+    ``.npy``, which the codec then judges)."""
+    ends: list[int] = []
+    position = 0
+    while position < len(message):
+        length = npy.blob_length(message, position)
+        if length is None:
+            return [message]
+        position += length
+        ends.append(position)
+    if len(ends) <= 1:
+        return [message]
+    starts = [0, *ends[:-1]]
+    return [message[start:end] for start, end in zip(starts, ends, strict=True)]
 
 
 def on_link(tensor_type: str) -> bool:
@@ -103,6 +149,7 @@ class TensorDepot:
     def __init__(self, max_upload: int, meter: Meter,
                  fingerprint_of: Callable[[grpc.ServicerContext], str | None]) -> None:
         self.max_upload = max_upload
+        self.frame_limit = min(FRAME_BYTES, max_upload)
         self._meter = meter
         self._fingerprint_of = fingerprint_of
         self._tickets: dict[str, _Ticket] = {}
@@ -142,7 +189,7 @@ class TensorDepot:
         return entry
 
     def fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """``Fetch``: the instruction's tensors, one message each."""
+        """``Fetch``: the instruction's tensors, in :func:`frames`."""
         self._meter.record_control(len(request))
         entry = self._entry(request.decode(errors="replace"), context)
         with self._lock:
@@ -150,13 +197,13 @@ class TensorDepot:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               "this ticket's tensors were already fetched")
             entry.fetched = True
-        for tensor in entry.down:
+        for message in frames(entry.down, self.frame_limit):
             # Metered as it is handed to gRPC: the bytes of a peer that hangs up midway count.
-            self._meter.record_bytes(down=len(tensor))
-            yield tensor
+            self._meter.record_bytes(down=len(message))
+            yield message
 
     def put(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        """``Put``: the ticket, then the answer's tensors, one message each."""
+        """``Put``: the ticket, then the answer's tensors, in :func:`frames`."""
         ticket = next(requests, b"")
         self._meter.record_bytes(up=len(ticket))
         entry = self._entry(ticket.decode(errors="replace"), context)
@@ -165,16 +212,21 @@ class TensorDepot:
                           "an answer was already uploaded under this ticket")
         received: list[bytes] = []
         total = 0
-        for tensor in requests:
-            total += len(tensor)
-            self._meter.record_bytes(up=len(tensor))
-            if total > self.max_upload or len(received) >= MAX_TENSORS:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"the upload exceeds this server's limit of "
-                              f"{self.max_upload / 2**20:.1f} MiB or {MAX_TENSORS} tensors")
-            received.append(tensor)
+        for message in requests:
+            total += len(message)
+            self._meter.record_bytes(up=len(message))
+            if total > self.max_upload:
+                self._too_large(context)
+            received.extend(split_frame(message))
+            if len(received) > MAX_TENSORS:
+                self._too_large(context)
         entry.up = received
         return b"ok"
+
+    def _too_large(self, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"the upload exceeds this server's limit of "
+                      f"{self.max_upload / 2**20:.1f} MiB or {MAX_TENSORS} tensors")
 
 
 def _identity(data: bytes) -> bytes:
@@ -195,9 +247,11 @@ def add_to_server(server: grpc.Server, depot: TensorDepot) -> None:
 class LinkChannel:
     """The receiver's side: one channel to its server's address, dialled on first use."""
 
-    def __init__(self, connect: Callable[[], grpc.Channel], address: str) -> None:
+    def __init__(self, connect: Callable[[], grpc.Channel], address: str,
+                 frame_limit: int = FRAME_BYTES) -> None:
         self._connect = connect
         self.address = address
+        self.frame_limit = min(frame_limit, FRAME_BYTES)
         self._channel: grpc.Channel | None = None
         self._lock = threading.Lock()
 
@@ -213,13 +267,14 @@ class LinkChannel:
 
     def fetch(self, ticket: str, timeout: float | None) -> list[bytes]:
         """The tensors of the instruction that carried ``ticket``."""
-        return self._retried("fetch", lambda fetch, _: list(fetch(ticket.encode(),
-                                                                   timeout=timeout)), timeout)
+        return self._retried("fetch", lambda fetch, _: [
+            blob for message in fetch(ticket.encode(), timeout=timeout)
+            for blob in split_frame(message)], timeout)
 
     def put(self, ticket: str, tensors: Iterable[bytes], timeout: float | None) -> None:
         """Upload an answer's tensors under its instruction's ticket."""
-        blobs = list(tensors)
-        self._retried("upload", lambda _, put: put(iter([ticket.encode(), *blobs]),
+        messages = list(frames(tensors, self.frame_limit))
+        self._retried("upload", lambda _, put: put(iter([ticket.encode(), *messages]),
                                                    timeout=timeout), timeout)
 
     def _retried(self, what: str, call: Callable, timeout: float | None):

@@ -1114,7 +1114,7 @@ def connect_client(
     quiet_closed_channel_watchers()
     channel = tensor_link.LinkChannel(
         lambda: _link_channel(address, root_certificates, max_message_length,
-                              client_certificate), address)
+                              client_certificate), address, frame_limit=max_message_length)
     try:
         with _presenting(client_certificate):
             _connect(address, _LinkedClient(client, channel, max_message_length),
