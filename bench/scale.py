@@ -62,14 +62,15 @@ POLL_SECONDS = 0.5
 # measurements on the tiny preset: an interpreter with torch, diffusers and Flower imported
 # holds ~900 MiB; a client hosted as shipped ~43 MiB at its peak (U-Net, gradients, Adam
 # state, the model it received, message copies and activations while it trains), a lean one
-# ~13 MiB (its connection keeps the last instruction and answer between rounds); the edge
-# ~17 MiB per client on the list path (every answer of a round at once) and ~9 MiB with the
-# running sum as measured before connections let go of their last instruction and answer.
+# ~0.7 MiB (its data, random streams and connection: 1,212 MiB for 50, 1,317 MiB for 200);
+# the edge ~17 MiB per client on the list path (every answer of a round at once) and ~0.2
+# MiB per connection with the running sum, the tensor link and connections that let go of
+# their last messages (1,241 MiB at 50 clients, 1,271 MiB at 200; 2026-12-01). Rounded up.
 PROCESS_MIB = 950
 CLIENT_MIB = 45
-LEAN_CLIENT_MIB = 14
+LEAN_CLIENT_MIB = 2
 EDGE_PER_CLIENT_MIB = 17
-EDGE_PER_CONNECTION_MIB = 10
+EDGE_PER_CONNECTION_MIB = 1
 LIST_FEDAVG = "fedphd.common.federation.running_mean.ListFedAvg"
 # Room left for everything else on the (shared) machine while a size runs.
 MARGIN_MIB = 2048

@@ -10,7 +10,7 @@ client to connect and build its model, so only rounds 2.. count (median). The re
 the project metered on each link (median of ``--repeats`` calls).
 
     python -m bench.transport            # the 35.75 M ddpm-cifar10 U-Net (143 MB per message)
-    python -m bench.transport --quick    # the 1.1 M tiny U-Net, < 2 min
+    python -m bench.transport --quick    # the 1.1 M tiny U-Net, 10 rounds, < 2 min
     python -m bench.transport --plain-client   # the client: examples/plain_client.py
     python -m bench.transport --set training.device=cuda   # where a GPU is
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -129,6 +130,10 @@ def run_with_plain_client(cfg: RunConfig, config: Path, run_dir: Path,
                                 "--images", "64", "--wait", str(topology.connect_timeout),
                                 "--timesteps", str(cfg.diffusion.num_train_timesteps)]),
     ]
+    # A fresh folder: the cloud appends to a metrics.jsonl it finds (a previous run's rounds
+    # would be measured again).
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     deployment = Deployment(roles)
     deployment.start(run_dir / "logs", child_env())
     deadline = time.monotonic() + timeout
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         description="One project round with no local steps vs bare grpcio, same bytes, same hops.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="tiny U-Net, 3 rounds (< 2 min); default: ddpm-cifar10, 4 rounds")
+                        help="tiny U-Net, 10 rounds (< 2 min); default: ddpm-cifar10, 6 rounds")
     parser.add_argument("--config", type=Path, help="base config (default by --quick)")
     parser.add_argument("--plain-client", action="store_true",
                         help="the client is examples/plain_client.py (stock Flower, no tensor "
@@ -228,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
     config = args.config or (QUICK_CONFIG if args.quick else FULL_CONFIG)
-    rounds = args.rounds or (3 if args.quick else 4)
+    # Medians of 9 (tiny, ~0.1 s each) and 5 (143 MB, ~1.5 s each) measured rounds: the first
+    # rounds after the start are the slowest (fresh memory, connections warming up), and two
+    # or three of them would make the median one of those.
+    rounds = args.rounds or (10 if args.quick else 6)
     name = "transport" + ("-quick" if args.quick else "") + ("-plain" if args.plain_client else "")
     out = args.out or REPO / "runs" / "bench" / name
     out.mkdir(parents=True, exist_ok=True)
