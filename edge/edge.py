@@ -192,8 +192,9 @@ class EdgeAggregator(Client):
         # Before anything is built: an edge without clients answers the cloud at once.
         self.clients.wait()
         global_arrays = self.carried.held.decode(ins.parameters, ins.config)
-        # Hashed while the edge rounds run.
-        received_digest = self.carried.held.keep_soon(global_arrays)
+        # Hashed while the edge rounds run, on cores they leave idle: read when the edge
+        # answers, after all its rounds.
+        received_digest = self.carried.held.keep_soon(global_arrays, idle=True)
         global_parameters = ndarrays_to_parameters(global_arrays)
         strategy = self._edge_strategy(global_parameters, ins.config, cloud_round,
                                        Rebuilt(global_arrays, received_digest))

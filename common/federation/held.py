@@ -44,9 +44,10 @@ class HeldModel:
         """Remember ``arrays`` (as loaded) and return their digest."""
         return codec.resolved(self.keep_soon(arrays))
 
-    def keep_soon(self, arrays: list[np.ndarray]) -> codec.PendingDigest:
-        """:meth:`keep`, the digest computed meanwhile (``arrays`` must not change)."""
-        pending = codec.PendingDigest(arrays)
+    def keep_soon(self, arrays: list[np.ndarray], idle: bool = False) -> codec.PendingDigest:
+        """:meth:`keep`, the digest computed meanwhile (``arrays`` must not change); ``idle``:
+        at the lowest CPU priority, for a digest read only much later."""
+        pending = codec.PendingDigest(arrays, idle=idle)
         self.arrays, self._digest = arrays, pending
         return pending
 
