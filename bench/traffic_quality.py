@@ -20,6 +20,15 @@ link's server metered them, and the cumulative bytes at the first evaluation who
     python -m bench.traffic_quality --quick            # tiny budget, smoke run
     python -m bench.traffic_quality --reuse            # rerun only what is missing or changed
     python -m bench.traffic_quality --methods fedavg,fedphd,centralised
+    python -m bench.traffic_quality --seeds 0,1,2 --methods fedavg,fedphd   # spread over seeds
+
+``--seeds`` runs each method once per training seed (``seed`` and ``training.seed``: the
+initial model, noise, batch order and sampling); the split stays the same
+(``partition.seed = 0``), so the spread is that of training, not of the data. The table then
+gives the mean and min–max over seeds, each method compared with FedAvg of the same seed, and
+calls a difference from FedAvg real only when the ranges do not overlap. Runs go to
+``seed-<s>/<method>`` and results.json is rewritten after each, so an interrupted command
+keeps what it finished (``--reuse`` picks up from there).
 
 A method whose config is not in the repository is reported as missing, not run.
 """
@@ -448,14 +457,151 @@ def parse_budget(base: Budget, items: list[str]) -> Budget:
     return replace(base, **changes)
 
 
+# -------------------------------------------------------------------------------- seeds
+
+
+def seed_overrides(seed: int) -> list[str]:
+    """Training varies with the seed; the split (``partition.seed``) does not."""
+    return [f"seed={seed}", f"training.seed={seed}"]
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def overlaps(a: dict[str, float] | None, b: dict[str, float] | None) -> bool:
+    return a is None or b is None or (a["min"] <= b["max"] and b["min"] <= a["max"])
+
+
+def seed_summary(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and min–max over the seeds that finished (each compared with FedAvg of its own
+    seed by :func:`add_comparisons` first)."""
+    ok = {seed: s for seed, s in per_seed.items() if s.get("status") == "ok"}
+    reach = [s.get("bytes_to_fedavg_final") for s in ok.values() if "fd_vs_fedavg_pct" in s]
+    return {
+        "seeds_ok": sorted(ok, key=int), "seeds_failed": sorted(set(per_seed) - set(ok), key=int),
+        "mode": next((s["mode"] for s in ok.values()), None),
+        "final_fd": spread([s["final_fd"] for s in ok.values() if s["final_fd"] is not None]),
+        "total_bytes": spread([s["total_bytes"] for s in ok.values()]),
+        "fd_vs_fedavg_pct": spread([s["fd_vs_fedavg_pct"] for s in ok.values()
+                                    if "fd_vs_fedavg_pct" in s]),
+        "traffic_vs_fedavg_pct": spread([s["traffic_vs_fedavg_pct"] for s in ok.values()
+                                         if "traffic_vs_fedavg_pct" in s]),
+        "bytes_to_fedavg_final": spread([r for r in reach if r is not None]),
+        "reached_in": f"{sum(r is not None for r in reach)}/{len(reach)}",
+    }
+
+
+def add_seed_summaries(result: dict[str, Any]) -> None:
+    """Per seed the comparisons with that seed's FedAvg, then each method's spread."""
+    seeds = [str(seed) for seed in result["seeds"]]
+    for seed in seeds:
+        add_comparisons({key: m["per_seed"][seed] for key, m in result["methods"].items()
+                         if seed in m["per_seed"]})
+    for entry in result["methods"].values():
+        entry["summary"] = seed_summary(entry["per_seed"])
+
+
+def _range(value: dict[str, float] | None, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if unit == "MB":
+        return (f"{value['mean'] / 1e6:,.1f} MB [{value['min'] / 1e6:,.1f}–"
+                f"{value['max'] / 1e6:,.1f}]")
+    if unit == "%":
+        return f"{value['mean']:+.1f} % [{value['min']:+.1f}, {value['max']:+.1f}]"
+    return f"{value['mean']:.2f} [{value['min']:.2f}–{value['max']:.2f}]"
+
+
+def _verdict(summary: dict[str, Any], reference: dict[str, Any] | None, field: str) -> str:
+    """Whether the difference from FedAvg is real: the ranges over seeds do not overlap."""
+    if reference is None or summary is reference or summary[field] is None:
+        return ""
+    mine, theirs = summary[field], reference[field]
+    if theirs is not None and abs(mine["mean"] - theirs["mean"]) < 0.01 * abs(theirs["mean"]):
+        return "none (< 1 %)"  # e.g. byte counts that differ by a few config bytes
+    if len(summary["seeds_ok"]) < 2 or len(reference["seeds_ok"]) < 2:
+        return "one seed: unknown"
+    return "noise (ranges overlap)" if overlaps(mine, theirs) else "**real**"
+
+
+def render_seeds(result: dict[str, Any], methods: list[Method]) -> str:
+    budget, entries = result["budget"], result["methods"]
+    reference = entries.get(REFERENCE, {}).get("summary")
+    rows = []
+    for method in methods:
+        summary = entries[method.key]["summary"]
+        failed = f" ({len(summary['seeds_failed'])} failed)" if summary["seeds_failed"] else ""
+        central = summary["mode"] == "centralised"
+        rows.append(
+            f"| {method.label} | {len(summary['seeds_ok'])}{failed} "
+            f"| {_range(summary['final_fd'])} | {_range(summary['fd_vs_fedavg_pct'], '%')} "
+            f"| {_verdict(summary, reference, 'final_fd')} "
+            f"| {'no traffic' if central else _range(summary['total_bytes'], 'MB')} "
+            f"| {'' if central else _range(summary['traffic_vs_fedavg_pct'], '%')} "
+            f"| {'' if central else _verdict(summary, reference, 'total_bytes')} "
+            f"| {'' if central else _range(summary['bytes_to_fedavg_final'], 'MB')} "
+            f"| {'' if central else summary['reached_in']} |")
+    return "\n".join([
+        "# Traffic and quality over seeds: digits, tiny U-Net, 2 classes per client, "
+        f"{budget['clients']} clients",
+        "",
+        machine_line(result["machine"]),
+        f"command: {result['command']}",
+        f"seeds: {', '.join(str(s) for s in result['seeds'])} (seed and training.seed; the "
+        "split is partition.seed = 0 for every run). Mean [min–max] over the seeds that "
+        "finished; \"vs FedAvg\" compares each seed with FedAvg of the same seed; a "
+        "difference is real when the method's range and FedAvg's do not overlap (and the "
+        "means differ by 1 % or more).",
+        "",
+        "| method | seeds | final fd_classifier | vs FedAvg | quality difference "
+        "| bytes, all links | vs FedAvg | traffic difference | bytes to reach FedAvg's final "
+        "fd | reached in |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+
+
+def run_seeds(methods: list[Method], seeds: list[int], budget: Budget, out: Path,
+              args: argparse.Namespace) -> int:
+    """Every method once per seed, results.json rewritten after each run."""
+    result: dict[str, Any] = {"machine": machine_info(), "command": command_line(),
+                              "budget": asdict(budget), "seeds": seeds,
+                              "methods": {m.key: {"per_seed": {}} for m in methods}}
+    total, number = len(methods) * len(seeds), 0
+    for seed in seeds:
+        for method in methods:
+            number += 1
+            progress(f"[{number}/{total}] {method.label}, seed {seed}")
+            result["methods"][method.key]["per_seed"][str(seed)] = run_method(
+                method, budget, out / f"seed-{seed}", args.timeout, args.reuse,
+                [*args.overrides, *seed_overrides(seed)])
+            (out / "results.json").write_text(json.dumps(result, indent=2))
+    add_seed_summaries(result)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    table = render_seeds(result, methods)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
 def render_saved(out: Path, methods: list[Method]) -> int:
     """The table of an earlier invocation, from its results.json (machine and command kept)."""
     result = json.loads((out / "results.json").read_text())
     methods = [m for m in methods if m.key in result["methods"]]
-    for summary in result["methods"].values():  # JSON made the round numbers strings
+    seeded = "seeds" in result
+    summaries = ([s for m in result["methods"].values() for s in m["per_seed"].values()]
+                 if seeded else list(result["methods"].values()))
+    for summary in summaries:  # JSON made the round numbers strings
         summary["cumulative"] = {int(k): v for k, v in summary.get("cumulative", {}).items()}
-    add_comparisons(result["methods"])
-    table = render(result, methods)
+    if seeded:
+        add_seed_summaries(result)
+        table = render_seeds(result, methods)
+    else:
+        add_comparisons(result["methods"])
+        table = render(result, methods)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return 0
@@ -480,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="per method, seconds")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite table.md from results.json (no runs)")
+    parser.add_argument("--seeds", help="comma-separated training seeds: each method once per "
+                        "seed, mean and min–max in the table (the split stays fixed)")
     args = parser.parse_args(argv)
     budget = parse_budget(QUICK if args.quick else FULL, args.budget)
     methods = select_methods(args.methods)
@@ -488,6 +636,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.render_only:
         return render_saved(out, methods)
+    if args.seeds:
+        try:
+            seeds = [int(seed) for seed in args.seeds.split(",")]
+        except ValueError:
+            raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") \
+                from None
+        return run_seeds(methods, seeds, budget, out, args)
     result: dict[str, Any] = {"machine": machine_info(), "command": command_line(),
                               "budget": asdict(budget), "methods": {}}
     for number, method in enumerate(methods, start=1):

@@ -114,3 +114,42 @@ def test_bytes_to_reach_fedavg_final_quality():
     assert results["better"]["cloud_traffic_vs_fedavg_pct"] == pytest.approx(-90.0)
     assert results["better"]["fd_vs_fedavg_pct"] == pytest.approx(100 * (25 - 30) / 30)
     assert results["worse"]["bytes_to_fedavg_final"] is None
+
+
+def test_seeds_give_mean_and_range_and_call_a_difference_real_only_without_overlap():
+    from bench.traffic_quality import METHODS, add_seed_summaries, render_seeds
+
+    def run(final, total):
+        return {"status": "ok", "mode": "flat", "points": [(1, final + 5), (2, final)],
+                "final_fd": final, "cumulative": {1: total // 2, 2: total},
+                "total_bytes": total, "cloud_bytes": total}
+
+    result = {"machine": {"cpu": "x", "cores": 1, "memory_gib": 1, "date": "d",
+                          "python": "3", "torch": "t"},
+              "command": "c", "budget": QUICK.__dict__, "seeds": [0, 1, 2],
+              "methods": {
+                  "fedavg": {"per_seed": {"0": run(30, 1000), "1": run(32, 1000),
+                                          "2": run(34, 1000)}},
+                  # Better in every seed, but its range meets FedAvg's: noise.
+                  "fedprox": {"per_seed": {"0": run(29, 1000), "1": run(31, 1000),
+                                           "2": run(33, 1000)}},
+                  # Far apart in quality and traffic: real; one seed failed.
+                  "fedphd": {"per_seed": {"0": run(20, 100), "1": run(22, 120),
+                                          "2": {"status": "failed", "reason": "boom"}}},
+              }}
+    add_seed_summaries(result)
+    fedphd = result["methods"]["fedphd"]["summary"]
+    assert fedphd["final_fd"] == {"mean": 21.0, "min": 20.0, "max": 22.0}
+    assert fedphd["seeds_ok"] == ["0", "1"] and fedphd["seeds_failed"] == ["2"]
+    # Each seed against FedAvg of the same seed: -33.3 % and -31.25 %.
+    assert fedphd["fd_vs_fedavg_pct"]["min"] == pytest.approx(100 * (20 - 30) / 30)
+    assert fedphd["fd_vs_fedavg_pct"]["max"] == pytest.approx(100 * (22 - 32) / 32)
+    # Already at round 1 (fd 25 and 27 <= 30 and 32): half of each run's bytes.
+    assert fedphd["bytes_to_fedavg_final"] == {"mean": 55.0, "min": 50, "max": 60}
+    methods = [m for m in METHODS if m.key in ("fedavg", "fedprox", "fedphd")]
+    table = render_seeds(result, methods)
+    prox = next(line for line in table.splitlines() if line.startswith("| FedProx |"))
+    phd = next(line for line in table.splitlines() if line.startswith("| FedPhD ("))
+    assert "noise (ranges overlap)" in prox and "**real**" not in prox
+    assert phd.count("**real**") == 2 and "2 (1 failed)" in phd
+    assert "31.00 [29.00–33.00]" in prox
