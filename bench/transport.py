@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -130,10 +129,10 @@ def run_with_plain_client(cfg: RunConfig, config: Path, run_dir: Path,
                                 "--images", "64", "--wait", str(topology.connect_timeout),
                                 "--timesteps", str(cfg.diffusion.num_train_timesteps)]),
     ]
-    # A fresh folder: the cloud appends to a metrics.jsonl it finds (a previous run's rounds
-    # would be measured again).
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
+    # As ``launch`` does: the cloud appends to a metrics.jsonl it finds (a previous run's
+    # rounds would be measured again).
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     deployment = Deployment(roles)
     deployment.start(run_dir / "logs", child_env())
     deadline = time.monotonic() + timeout

@@ -10,7 +10,9 @@ import io
 import numpy as np
 import pytest
 
+from fedphd.common.federation.downlink import Downlink
 from fedphd.common.federation.held import HeldModel, Rebuilt
+from fedphd.common.federation.sharing import Layout
 from fedphd.common.wire import codec, npy
 
 ARRAYS = [
@@ -89,9 +91,6 @@ def test_a_snapshot_of_a_held_model_shares_its_arrays():
 
 
 def test_a_forwarded_model_keeps_the_digest_it_was_received_with():
-    from fedphd.common.federation.downlink import Downlink
-    from fedphd.common.federation.sharing import Layout
-
     received = codec.decode(codec.encode([np.arange(6, dtype=np.float32), np.ones(3)], "fp32"))
     pending = codec.PendingDigest(received)
     layout = Layout.whole(len(received))

@@ -181,7 +181,7 @@ def test_small_tensors_travel_in_frames_that_split_back_to_the_same_blobs():
     assert tensor_link.split_frame(blobs[0] + blobs[1][:-3]) == [blobs[0] + blobs[1][:-3]]
 
 
-def test_a_framed_fetch_and_upload_move_and_meter_exactly_the_blobs(depot):
+def test_a_framed_fetch_and_upload_move_and_meter_exactly_the_blobs():
     blobs = random_payload(np.random.default_rng(6), 150).tensors
     small = Depot(max_upload=sum(len(b) for b in blobs) + 100)
     try:

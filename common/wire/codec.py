@@ -187,10 +187,11 @@ class PendingDigest:
     change meanwhile (decoded tensors and kept references never do). A copy or a pickle of
     it is the digest itself.
 
-    ``idle``: a sender's digest, read only when the answers come back, is hashed at the
-    lowest CPU priority (Linux threads have their own nice value), so that it takes only
-    cores nothing else wants: on a busy machine it would otherwise slow the transfers and the
-    receivers' work it is meant to stay out of the way of."""
+    ``idle``: a digest read only much later (a sender's, when the answers come back; an
+    edge's of the global model, when it answers) is hashed at the lowest CPU priority
+    (Linux threads have their own nice value), so that it takes only cores nothing else
+    wants: on a busy machine it would otherwise slow the transfers and the receivers' work
+    it is meant to stay out of the way of."""
 
     def __init__(self, arrays: list[np.ndarray], idle: bool = False) -> None:
         self._value: str | None = None

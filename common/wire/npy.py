@@ -98,7 +98,7 @@ _MAGIC = b"\x93NUMPY"
 _LENGTH_BYTES = {1: 2, 2: 4, 3: 4}  # by major version
 
 
-def _header(blob: bytes) -> tuple[int, tuple[tuple[int, ...], bool, np.dtype, int]]:
+def _header(blob: bytes | memoryview) -> tuple[int, tuple[tuple[int, ...], bool, np.dtype, int]]:
     """(data offset, (shape, Fortran order, dtype, element count)) of an ``.npy`` blob."""
     if blob[:6] != _MAGIC or len(blob) < 10:
         raise ValueError("no npy magic string")
@@ -130,18 +130,9 @@ def blob_length(buffer: bytes, start: int = 0) -> int | None:
     data), or None when none does or it would run past the end: what lets blobs sent back to
     back be told apart without a length prefix."""
     view = memoryview(buffer)[start:]
-    if len(view) < 10 or view[:6] != _MAGIC:
-        return None
-    major = view[6]
-    width = _LENGTH_BYTES.get(major)
-    if width is None or view[7] != 0:
-        return None
-    length = 8 + width + int.from_bytes(view[8:8 + width], "little")
-    if length > len(view):
-        return None
     try:
-        _shape, _fortran, dtype, count = _parse_header((major, 0), bytes(view[:length]))
+        offset, (_shape, _fortran, dtype, count) = _header(view)
     except (ValueError, EOFError, OSError, SyntaxError, TypeError):
         return None
-    total = length + count * dtype.itemsize
+    total = offset + count * dtype.itemsize
     return None if dtype.hasobject or total > len(view) else total

@@ -14,12 +14,12 @@ TLS / mutual-TLS credentials and message limit) and
   Its Flower answer then carries ``fedphd.tensor-link:<codec>`` and no tensors.
 
 Both methods use identity serialisers: a tensor is the same ``np.save`` blob Flower would put
-in its message, handed to gRPC as it is. A large tensor is a gRPC message of its own (no
-copy); small ones travel back to back in frames of up to 1 MiB (:func:`frames`), because a
-gRPC message costs tens of microseconds of Python on each side and a U-Net has hundreds of
-biases and norms. A ``.npy`` blob's header says how long it is, so a frame needs no length
-prefix and the link moves exactly the blobs' bytes. A ticket is a
-random 128-bit token that only its peer's own Flower stream carried; under mutual TLS the
+in its message, handed to gRPC as it is. A tensor of 1 MiB or more is a gRPC message of its
+own (no copy); smaller ones travel back to back in frames of up to 4 MiB (:func:`frames`),
+because a gRPC message costs tens of microseconds of Python on each side and a U-Net has
+hundreds of biases and norms. A ``.npy`` blob's header says how long it is, so a frame needs
+no length prefix and the link moves exactly the blobs' bytes. A ticket is a random 128-bit
+token that only its peer's own Flower stream carried; under mutual TLS the
 caller's certificate must also be the one its peer joined with. An upload may not exceed the
 run's message limit (what one Flower message could carry), and each ticket is fetched and
 answered once per instruction. Every byte the link moves is metered on its server's link.
