@@ -41,6 +41,7 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ class Method:
     config: str  # relative to the repository root
     family: str  # "flat", "hierarchical" or "central"
     extra: tuple[str, ...] = ()
+    # The config's own edge rounds and participation stand (the bench sets edges and rounds).
+    own_topology: bool = False
 
 
 METHODS = (
@@ -91,6 +94,31 @@ METHODS = (
     Method("centralised", "centralised (same data, same steps)", "configs/fedavg-digits.toml",
            "central"),
 )
+
+# FedPhD's components one at a time (``--ablation``), on fedphd-digits.toml: each step adds one
+# to the step before; "+ pruning" is the shipped FedPhD and "+ 8-bit" FedPhD + 8-bit.
+_NO_PRUNING = "pruning.enabled=false"
+_SHIPPED_ARGS = "sh_weight = 1800.0, sh_bias = 0.0, selection_scale = 720.0"
+ABLATION = (
+    Method("hier-fedavg", "hierarchy alone (FedAvg at edges and cloud)",
+           "configs/fedphd-digits.toml", "hierarchical",
+           ('topology.cloud_strategy="flwr.server.strategy.FedAvg"',
+            "topology.cloud_strategy_args={}", _NO_PRUNING)),
+    Method("hier-sh", "+ SH-weighted cloud aggregation (static edges)",
+           "configs/fedphd-digits.toml", "hierarchical",
+           (f'topology.cloud_strategy_args={{ {_SHIPPED_ARGS}, selection = "static" }}',
+            _NO_PRUNING)),
+    Method("hier-sh-select", "+ homogeneity-aware client-to-edge selection",
+           "configs/fedphd-digits.toml", "hierarchical", (_NO_PRUNING,)),
+)
+ABLATION_STEPS = ("hier-fedavg", "hier-sh", "hier-sh-select", "fedphd", "fedphd-q8")
+ABLATION_LABELS = {"fedphd": "+ structured pruning 0.2 (= FedPhD)",
+                   "fedphd-q8": "+ 8-bit codecs both ways (= FedPhD + 8-bit)"}
+# The traffic floor (``configs/fedphd-lean-digits.toml``): its own edge rounds, participation
+# and codecs stand; the bench sets only the split, the edges and the cloud rounds.
+LEAN = Method("fedphd-lean", "FedPhD lean (traffic floor)", "configs/fedphd-lean-digits.toml",
+              "hierarchical", own_topology=True)
+ALL_METHODS = (*METHODS, *ABLATION, LEAN)
 
 
 @dataclass(frozen=True)
@@ -124,11 +152,12 @@ QUICK = Budget(clients=5, local_steps=2, flat_rounds=2, hier_rounds=1, edge_roun
 # -------------------------------------------------------------------------------- configs
 
 
-def shared_overrides(budget: Budget, run_dir: Path) -> list[str]:
+def shared_overrides(budget: Budget, run_dir: Path, own_topology: bool = False) -> list[str]:
+    # A config with its own topology keeps its local steps too (rounds x steps go together).
+    steps = [] if own_topology else [f"training.local_steps={budget.local_steps}"]
     return [
         'partition.method="classes"', f"partition.classes_per_client={budget.classes_per_client}",
-        "partition.seed=0", f"topology.clients={budget.clients}",
-        f"training.local_steps={budget.local_steps}",
+        "partition.seed=0", f"topology.clients={budget.clients}", *steps,
         "evaluation.every_cloud_rounds=1", "evaluation.final=true",
         f"evaluation.num_samples={budget.eval_samples}",
         f"evaluation.sampling_steps={budget.eval_steps}",
@@ -139,6 +168,8 @@ def shared_overrides(budget: Budget, run_dir: Path) -> list[str]:
 
 
 def family_overrides(method: Method, budget: Budget) -> list[str]:
+    if method.family == "hierarchical" and method.own_topology:
+        return [f"topology.edges={budget.edges}", f"topology.cloud_rounds={budget.hier_rounds}"]
     if method.family == "hierarchical":
         return [f"topology.edges={budget.edges}", f"topology.cloud_rounds={budget.hier_rounds}",
                 f"topology.edge_rounds={budget.edge_rounds}",
@@ -152,7 +183,8 @@ def family_overrides(method: Method, budget: Budget) -> list[str]:
 def method_config(method: Method, budget: Budget, run_dir: Path, user: list[str]) -> Path:
     """The method's shipped config with the shared overrides (then the user's ``--set``),
     written next to its run."""
-    overrides = [*shared_overrides(budget, run_dir), *family_overrides(method, budget),
+    overrides = [*shared_overrides(budget, run_dir, method.own_topology),
+                 *family_overrides(method, budget),
                  *method.extra, *user, *loopback_overrides()]
     # FedPhD's config fixes class pairs; every method here uses the same k-classes split.
     cfg = derive_config(REPO / method.config, overrides, drop=[("partition", "pairs")])
@@ -208,7 +240,9 @@ def run_method(method: Method, budget: Budget, out: Path, timeout: float,
         return {"status": "missing", "reason": f"{method.config} not found in the repository"}
     run_dir = out / method.key
     user = list(user or [])
-    fingerprint: dict[str, Any] = {"method": asdict(method), "budget": asdict(budget),
+    # A field left at its default is not named, so runs made before it existed still match.
+    described = {k: v for k, v in asdict(method).items() if k != "own_topology" or v}
+    fingerprint: dict[str, Any] = {"method": described, "budget": asdict(budget),
                                    "config_text": config.read_text()}
     if user:
         fingerprint["overrides"] = user
@@ -272,6 +306,33 @@ def cumulative_bytes(records: list[dict[str, Any]]) -> dict[int, int]:
     return by_round
 
 
+def cumulative_steps(records: list[dict[str, Any]], local_steps: int) -> dict[int, int]:
+    """Client steps taken up to and including each cloud round."""
+    per_round: dict[int, int] = {}
+    edge = tier(records, "edge")
+    if edge:
+        for record in edge:
+            round_number = record["cloud_round"]
+            per_round[round_number] = (per_round.get(round_number, 0)
+                                       + len(record["clients"]) * local_steps)
+    else:
+        for record in tier(records, "cloud"):
+            per_round[record["round"]] = len(record["participants"]) * local_steps
+    total, by_round = 0, {}
+    for round_number in sorted(per_round):
+        total += per_round[round_number]
+        by_round[round_number] = total
+    return by_round
+
+
+def run_local_steps(run_dir: Path, budget: Budget) -> int:
+    """Local steps per round the run was given (its config: a ``--set`` may change them)."""
+    config = run_dir / "bench-config.toml"
+    if not config.is_file():
+        return budget.local_steps
+    return int(tomllib.loads(config.read_text())["training"]["local_steps"])
+
+
 def summarise(method: Method, run_dir: Path, budget: Budget) -> dict[str, Any]:
     if method.family == "central":
         evaluation = json.loads((run_dir / "evaluation.json").read_text())
@@ -280,6 +341,7 @@ def summarise(method: Method, run_dir: Path, budget: Budget) -> dict[str, Any]:
                 "final_fd": evaluation["fd_classifier"], "bytes": {}, "total_bytes": 0,
                 "cloud_bytes": 0, "cumulative": {}, "run": str(run_dir)}
     records = read_metrics(run_dir / "metrics.jsonl")
+    local_steps = run_local_steps(run_dir, budget)
     cloud = tier(records, "cloud")
     totals: dict[str, int] = {}
     for record in cloud:
@@ -289,12 +351,13 @@ def summarise(method: Method, run_dir: Path, budget: Budget) -> dict[str, Any]:
     pruning = tier(records, "pruning")
     return {
         "status": "ok", "mode": method.family, "cloud_rounds": len(cloud),
-        "client_steps": client_steps(records, budget.local_steps),
+        "client_steps": client_steps(records, local_steps),
         "quality_kind": kind, "points": points,
         "final_fd": points[-1][1] if points else None,
         "bytes": totals, "total_bytes": sum(totals.values()),
         "cloud_bytes": sum(count for link, count in totals.items() if link in CLOUD_LINKS),
         "cumulative": cumulative_bytes(records),
+        "cumulative_steps": cumulative_steps(records, local_steps),
         "parameters": pruning[-1]["params_after"] if pruning else None,
         "run": str(run_dir),
     }
@@ -437,7 +500,7 @@ def write_report(out: Path, results: dict[str, dict[str, Any]]) -> None:
 def select_methods(keys: str | None) -> list[Method]:
     if not keys:
         return list(METHODS)
-    known = {m.key: m for m in METHODS}
+    known = {m.key: m for m in ALL_METHODS}
     unknown = [k for k in keys.split(",") if k not in known]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(known)}")
@@ -564,6 +627,98 @@ def render_seeds(result: dict[str, Any], methods: list[Method]) -> str:
     ])
 
 
+# ------------------------------------------------------------------------------- ablation
+
+
+def fd_within(summary: dict[str, Any], key: str, limit: float) -> float | None:
+    """fd_classifier of the last evaluation whose cumulative ``key`` (``cumulative``: bytes,
+    ``cumulative_steps``: client steps) is at most ``limit``; None if even the first exceeds it."""
+    found = None
+    for round_number, value in summary["points"]:
+        used = summary.get(key, {}).get(round_number)
+        if used is not None and used <= limit:
+            found = value
+    return found
+
+
+def difference(mine: dict[str, float] | None, theirs: dict[str, float] | None,
+               seeds: int) -> str:
+    """Whether two spreads over seeds differ: real only when their ranges do not overlap."""
+    if mine is None or theirs is None:
+        return "n/a"
+    change = 100 * (mine["mean"] - theirs["mean"]) / theirs["mean"]
+    if abs(change) < 1:
+        return f"{change:+.1f} %, none"
+    if seeds < 2:
+        return f"{change:+.1f} %, one seed: unknown"
+    verdict = "noise" if overlaps(mine, theirs) else "**real**"
+    return f"{change:+.1f} %, {verdict}"
+
+
+def ablation_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each ablation step over the seeds: its final fd, and flat FedAvg's fd of the same seed
+    at the same client steps and at the same bytes (read off FedAvg's per-round curve)."""
+    entries, steps = result["methods"], []
+    for key in ABLATION_STEPS:
+        if key not in entries:
+            continue
+        finals, at_steps, at_bytes, client_steps, total = [], [], [], [], []
+        compared = 0  # seeds with a FedAvg run to compare with
+        for seed, run in entries[key]["per_seed"].items():
+            fedavg = entries.get(REFERENCE, {}).get("per_seed", {}).get(seed)
+            if run.get("status") != "ok" or run["final_fd"] is None:
+                continue
+            finals.append(run["final_fd"])
+            client_steps.append(run["client_steps"])
+            total.append(run["total_bytes"])
+            if fedavg is not None and fedavg.get("status") == "ok":
+                compared += 1
+                if (value := fd_within(fedavg, "cumulative_steps", run["client_steps"])):
+                    at_steps.append(value)
+                if (value := fd_within(fedavg, "cumulative", run["total_bytes"])):
+                    at_bytes.append(value)
+        steps.append({"key": key, "seeds": len(finals), "final_fd": spread(finals),
+                      "client_steps": spread(client_steps), "total_bytes": spread(total),
+                      "fedavg_at_steps": spread(at_steps), "fedavg_at_bytes": spread(at_bytes),
+                      "fedavg_at_bytes_seeds": len(at_bytes), "compared": compared})
+    return steps
+
+
+def render_ablation(result: dict[str, Any]) -> str:
+    labels = {m.key: ABLATION_LABELS.get(m.key, m.label) for m in ALL_METHODS}
+    rows, before = [], None
+    for step in ablation_summary(result):
+        n = step["seeds"]
+        reached, compared = step["fedavg_at_bytes_seeds"], step["compared"]
+        at_bytes = ("n/a" if compared == 0
+                    else "less than one FedAvg round" if reached == 0
+                    else _range(step["fedavg_at_bytes"]) if reached == compared
+                    else f"{_range(step['fedavg_at_bytes'])} ({reached}/{compared} seeds)")
+        steps = "n/a" if step["client_steps"] is None else f"{step['client_steps']['mean']:,.0f}"
+        rows.append(
+            f"| {labels[step['key']]} | {n} | {steps} "
+            f"| {_range(step['final_fd'])} "
+            f"| {difference(step['final_fd'], before, n) if before else ''} "
+            f"| {_range(step['total_bytes'], 'MB')} "
+            f"| {_range(step['fedavg_at_steps'])} "
+            f"| {difference(step['final_fd'], step['fedavg_at_steps'], n)} "
+            f"| {at_bytes} | {difference(step['final_fd'], step['fedavg_at_bytes'], n)} |")
+        before = step["final_fd"]
+    return "\n".join([
+        "# FedPhD ablation: each row adds one component to the row above", "",
+        machine_line(result["machine"]), f"command: {result['command']}",
+        f"seeds: {', '.join(str(s) for s in result['seeds'])}. Mean [min–max] over seeds. "
+        "Flat FedAvg at equal client steps / bytes: FedAvg's fd_classifier (same seed) at its "
+        "last evaluation that had used no more client steps / all-link bytes than the row's "
+        "whole run. A difference is real when the ranges over seeds do not overlap.", "",
+        "| step | seeds | client steps | final fd_classifier | vs the row above "
+        "| bytes, all links | flat FedAvg, equal client steps | row vs it "
+        "| flat FedAvg, equal bytes | row vs it |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+
+
 def run_seeds(methods: list[Method], seeds: list[int], budget: Budget, out: Path,
               args: argparse.Namespace) -> int:
     """Every method once per seed, results.json rewritten after each run."""
@@ -581,10 +736,19 @@ def run_seeds(methods: list[Method], seeds: list[int], budget: Budget, out: Path
             (out / "results.json").write_text(json.dumps(result, indent=2))
     add_seed_summaries(result)
     (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_tables(out, result, methods)
+    return 0
+
+
+def write_tables(out: Path, result: dict[str, Any], methods: list[Method]) -> None:
+    """table.md (every method over seeds) and, when ablation steps ran, ablation.md."""
     table = render_seeds(result, methods)
     (out / "table.md").write_text(table + "\n")
     print(table)
-    return 0
+    if any(key in result["methods"] for key in ABLATION_STEPS[:3]):
+        ablation = render_ablation(result)
+        (out / "ablation.md").write_text(ablation + "\n")
+        print("\n" + ablation)
 
 
 def render_saved(out: Path, methods: list[Method]) -> int:
@@ -595,13 +759,14 @@ def render_saved(out: Path, methods: list[Method]) -> int:
     summaries = ([s for m in result["methods"].values() for s in m["per_seed"].values()]
                  if seeded else list(result["methods"].values()))
     for summary in summaries:  # JSON made the round numbers strings
-        summary["cumulative"] = {int(k): v for k, v in summary.get("cumulative", {}).items()}
+        for key in ("cumulative", "cumulative_steps"):
+            summary[key] = {int(k): v for k, v in summary.get(key, {}).items()}
     if seeded:
         add_seed_summaries(result)
-        table = render_seeds(result, methods)
-    else:
-        add_comparisons(result["methods"])
-        table = render(result, methods)
+        write_tables(out, result, methods)
+        return 0
+    add_comparisons(result["methods"])
+    table = render(result, methods)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return 0
@@ -611,8 +776,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.traffic_quality",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget (smoke run)")
-    parser.add_argument("--methods", help="comma-separated subset of: "
-                        + ", ".join(m.key for m in METHODS))
+    parser.add_argument("--methods", help="comma-separated methods (default: the first "
+                        f"{len(METHODS)}): " + ", ".join(m.key for m in ALL_METHODS))
+    parser.add_argument("--ablation", action="store_true", help="FedPhD's components one at a "
+                        "time (" + ", ".join(ABLATION_STEPS) + ") and FedAvg, over --seeds "
+                        "(default 0); adds the ablation table")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs of the same method, config and budget")
     parser.add_argument("--out", type=Path, help="result folder "
@@ -631,6 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     budget = parse_budget(QUICK if args.quick else FULL, args.budget)
     methods = select_methods(args.methods)
+    if args.ablation:
+        methods = [m for m in ALL_METHODS if m.key in (REFERENCE, *ABLATION_STEPS)]
+        args.seeds = args.seeds or "0"
     name = "traffic-quality-quick" if args.quick else "traffic-quality"
     out = (args.out or REPO / "runs" / "bench" / name).resolve()
     out.mkdir(parents=True, exist_ok=True)

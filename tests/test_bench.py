@@ -153,3 +153,43 @@ def test_seeds_give_mean_and_range_and_call_a_difference_real_only_without_overl
     assert "noise (ranges overlap)" in prox and "**real**" not in prox
     assert phd.count("**real**") == 2 and "2 (1 failed)" in phd
     assert "31.00 [29.00–33.00]" in prox
+
+
+def test_the_ablation_compares_each_step_with_the_one_before_and_fedavg_at_equal_budgets():
+    from bench.traffic_quality import ablation_summary, fd_within, render_ablation
+
+    def run(points, bytes_per_round, steps_per_round):
+        rounds = range(1, len(points) + 1)
+        return {"status": "ok", "mode": "flat", "points": list(zip(rounds, points, strict=True)),
+                "final_fd": points[-1], "client_steps": steps_per_round * len(points),
+                "total_bytes": bytes_per_round * len(points),
+                "cumulative": {r: bytes_per_round * r for r in rounds},
+                "cumulative_steps": {r: steps_per_round * r for r in rounds}}
+
+    fedavg = {s: run([90.0 + s, 60.0 + s, 40.0 + s, 30.0 + s], 100, 10) for s in range(3)}
+    # FedAvg's curve read at 25 steps: round 2 (20 steps); at 150 bytes: round 1 (100 bytes).
+    assert fd_within(fedavg[0], "cumulative_steps", 25) == 60.0
+    assert fd_within(fedavg[0], "cumulative", 150) == 90.0
+    assert fd_within(fedavg[0], "cumulative", 50) is None
+    steps = {
+        "hier-fedavg": {s: run([50.0 + s, 35.0 + s], 200, 20) for s in range(3)},
+        # Barely better than the step before: ranges overlap.
+        "hier-sh": {s: run([50.0 + s, 34.5 + s], 200, 20) for s in range(3)},
+        # Far fewer bytes: FedAvg could not finish one round with them.
+        "fedphd-q8": {s: run([40.0 + s, 20.0 + s], 20, 20) for s in range(3)},
+    }
+    result = {"machine": {"cpu": "x", "cores": 1, "memory_gib": 1, "date": "d", "python": "3",
+                          "torch": "t"}, "command": "c", "seeds": [0, 1, 2],
+              "methods": {key: {"per_seed": {str(s): r for s, r in runs.items()}}
+                          for key, runs in {"fedavg": fedavg, **steps}.items()}}
+    summary = {step["key"]: step for step in ablation_summary(result)}
+    assert list(summary) == ["hier-fedavg", "hier-sh", "fedphd-q8"]
+    # 40 client steps: FedAvg's round 4 (40 steps); 400 bytes: its round 4 as well.
+    assert summary["hier-fedavg"]["fedavg_at_steps"] == {"mean": 31.0, "min": 30.0, "max": 32.0}
+    assert summary["hier-fedavg"]["fedavg_at_bytes"]["mean"] == 31.0
+    assert summary["fedphd-q8"]["fedavg_at_bytes_seeds"] == 0
+    table = render_ablation(result).splitlines()
+    sh = next(line for line in table if line.startswith("| + SH-weighted"))
+    q8 = next(line for line in table if line.startswith("| + 8-bit"))
+    assert "noise" in sh.split("|")[5]  # vs the row above
+    assert "**real**" in q8.split("|")[5] and "less than one FedAvg round" in q8

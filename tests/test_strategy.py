@@ -197,6 +197,41 @@ def test_quantised_downlink_sends_updates_from_what_each_receiver_holds():
         HeldModel().decode(second.parameters, second.config)
 
 
+def test_whole_fp16_halves_the_first_send_and_the_next_update_corrects_its_rounding():
+    from fedphd.common.federation.held import HeldModel
+
+    rng = np.random.default_rng(1)
+    model = [rng.normal(size=(32, 32, 3, 3)).astype(np.float32), np.zeros(32, np.float32)]
+    sizes, errors = {}, {}
+    for whole in ("fp32", "fp16"):
+        strategy = ManagedStrategy(FedAvg(min_available_clients=1, min_fit_clients=1),
+                                   {ARCH_KEY: "{}"}, downlink="q8", uplink="fp32", whole=whole)
+        manager = SimpleClientManager()
+        manager.register(FakeProxy("0"))
+        receiver = HeldModel()
+        for server_round in (1, 2):
+            (proxy, ins), = strategy.configure_fit(
+                server_round, ndarrays_to_parameters(model), manager)
+            arrays = receiver.decode(ins.parameters, ins.config)
+            metrics = {"client_id": 0, "received_digest": receiver.keep(arrays)}
+            strategy.aggregate_round(server_round, [(proxy, FitRes(
+                ok_status(), codec.encode(arrays, "fp32"), 1, metrics))], [])
+            sizes[whole, server_round] = codec.payload_bytes(ins.parameters)
+            errors[whole, server_round] = float(np.max(np.abs(arrays[0] - model[0])))
+    assert sizes["fp16", 1] < 0.51 * sizes["fp32", 1]
+    assert errors["fp32", 1] == 0.0 and errors["fp16", 1] > 0.0  # fp16 rounds the weights
+    # Round 2 is an 8-bit update from what the receiver holds: the fp16 rounding is its whole
+    # content, so it comes back to within a small fraction of that rounding.
+    assert errors["fp16", 2] < 0.05 * errors["fp16", 1]
+
+
+def test_whole_must_be_fp32_or_fp16():
+    from fedphd.common.federation.downlink import Downlink
+
+    with pytest.raises(ValueError, match="codec.whole"):
+        Downlink("q8", True, whole="q4")
+
+
 # --- Bounded influence and blame by identity -------------------------------------------------
 
 class KnownProxy(FakeProxy):

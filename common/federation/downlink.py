@@ -2,7 +2,7 @@
 
 ``q8``/``q4`` downlinks send ``Q(w_global - w_held)``, the update from the model that receiver
 holds (what it rebuilt last time, tracked per connection); a receiver with no known model gets
-full fp32 weights. The error never accumulates: each update is taken from the receiver's
+the whole weights, in fp32 or (``whole="fp16"``) fp16. The error never accumulates: each update is taken from the receiver's
 actual model, not from the previous global one. A receiver holds what it was sent once its
 answer reports the digest of exactly that model.
 """
@@ -23,9 +23,12 @@ class Downlink:
 
     def __init__(
         self, codec_name: str, per_channel: bool, held: dict[str, Rebuilt] | None = None,
-        forwarded: Rebuilt | None = None,
+        forwarded: Rebuilt | None = None, whole: str = "fp32",
     ) -> None:
+        if whole not in ("fp32", "fp16"):
+            raise ValueError(f"codec.whole must be fp32 or fp16, got {whole!r}")
         self.codec_name = codec_name
+        self.whole = whole
         self.per_channel = per_channel
         # The model the server itself received, when known: sent on as it is (an edge's
         # fp32 downlink), its digest need not be computed again.
@@ -58,7 +61,7 @@ class Downlink:
 
     def _whole(self, model: list[np.ndarray], layout: Layout) -> tuple[Parameters, Rebuilt]:
         """The same weights for every such receiver: encoded and hashed once per round."""
-        name = "fp32" if codec.is_update_codec(self.codec_name) else self.codec_name
+        name = self.whole if codec.is_update_codec(self.codec_name) else self.codec_name
         key = (name, layout.sent_groups)
         if key not in self._cache:
             wire = codec.encode(model, name)

@@ -170,6 +170,7 @@ class ManagedStrategy(Strategy):
         names: list[str] | None = None,
         max_examples_factor: float | None = None,
         forwarded: Rebuilt | None = None,
+        whole: str = "fp32",
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -185,7 +186,7 @@ class ManagedStrategy(Strategy):
         # strategy but keeps its connections (an edge, every cloud round); copied.
         # ``forwarded``: the model this server was itself sent (an edge), whose digest is
         # known when it is what goes down.
-        self._wire = Downlink(downlink, per_channel, held, forwarded)
+        self._wire = Downlink(downlink, per_channel, held, forwarded, whole=whole)
         self._reference: list[np.ndarray] = []
         # Per connection this round: positions of the tensors sent and expected back.
         self._layout: dict[str, Layout] = {}
@@ -208,7 +209,7 @@ class ManagedStrategy(Strategy):
         return cls(inner, instruction, downlink=downlink, uplink=uplink,
                    per_channel=codecs.per_channel, error_feedback=codecs.error_feedback,
                    held=held, names=names, max_examples_factor=max_examples_factor,
-                   forwarded=forwarded)
+                   forwarded=forwarded, whole=codecs.whole)
 
     def __repr__(self) -> str:
         return f"ManagedStrategy({self.inner!r}, downlink={self.downlink}, uplink={self.uplink})"

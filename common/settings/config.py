@@ -179,7 +179,7 @@ class CodecConfig(_Section):
 
     downlink: Literal["fp32", "fp16", "q8", "q4"] = Field(
         "fp32", description="server to client: weights (fp32, fp16) or quantised updates from "
-        "the model the receiver holds (q8, q4; full fp32 the first time)"
+        "the model the receiver holds (q8, q4; whole weights, see whole, the first time)"
     )
     uplink: Literal["fp32", "fp16", "q8", "q4"] = Field(
         "fp32", description="client to server: weights (fp32, fp16) or quantised updates (q8, q4)"
@@ -197,6 +197,12 @@ class CodecConfig(_Section):
     )
     edge_uplink: Literal["fp32", "fp16", "q8", "q4"] | None = Field(
         None, description="clients to their edge; unset = uplink"
+    )
+    whole: Literal["fp32", "fp16"] = Field(
+        "fp32", description="q8/q4 downlinks: how the weights go to a receiver that holds no "
+        "model yet (its first round, a client re-assigned to another edge): fp32, or fp16 "
+        "(half the bytes; the receiver's reference is then the fp16-rounded model, and the "
+        "next update, taken from that reference, carries the rounding back)"
     )
     per_channel: bool = Field(True, description="q8/q4: one scale per output channel")
     error_feedback: bool = Field(True, description="q8/q4: carry what rounding dropped forward")
