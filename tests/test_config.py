@@ -106,3 +106,18 @@ def test_method_configs_share_the_fedavg_topology_rounds_and_split(method):
     for section in ("model", "data", "partition", "training", "diffusion"):
         assert getattr(cfg, section) == getattr(baseline, section), section
     assert cfg.name == f"{method}-digits"
+
+
+def test_the_lean_cifar10_twin_carries_the_lean_digits_settings_onto_fedphd_cifar10():
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    lean = load_config(configs / "fedphd-lean-digits.toml")
+    twin = load_config(configs / "fedphd-lean-cifar10.toml")
+    base = load_config(configs / "fedphd-cifar10.toml")
+    assert twin.codec == lean.codec and twin.pruning == lean.pruning
+    assert twin.topology.edge_rounds == lean.topology.edge_rounds
+    # Its client steps per cloud round are fedphd-cifar10's, in fewer exchanges.
+    assert (twin.topology.edge_rounds * twin.training.local_steps
+            == base.topology.edge_rounds * base.training.local_steps)
+    assert twin.model == base.model and twin.data == base.data
+    assert twin.partition == base.partition
+    assert twin.topology.cloud_strategy_args == base.topology.cloud_strategy_args

@@ -8,8 +8,9 @@ import pytest
 
 from fedphd.common.core.models import count_parameters
 from fedphd.common.core.pruning import PrunedUNet2DModel, load_pretrained
+from fedphd.common.settings.config import load_config
 from tests.conftest import TESTS_DIR
-from tests.test_deployment import launch
+from tests.test_deployment import EVALUATE, launch
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +92,37 @@ def test_prune_command_reports_the_reference_unet(tmp_path):
     assert 0.42 <= 1 - report["params_after"] / report["params_before"] <= 0.45
     assert report["macs_after"] < report["macs_before"]
 
+
+
+def test_the_lean_config_runs_end_to_end_on_q4_updates_and_fp16_first_weights(tmp_path, ports):
+    config = TESTS_DIR.parent / "configs" / "fedphd-lean-digits.toml"
+    shipped = load_config(config)
+    assert (shipped.codec.downlink, shipped.codec.uplink, shipped.codec.whole) == (
+        "q4", "q4", "fp16")
+    out = tmp_path / "lean"
+    records = launch(out, ports, "--config", str(config), "--set", "topology.clients=6",
+                     "--set", "topology.cloud_rounds=2", *EVALUATE)
+    params = next(r for r in records if r["tier"] == "pruning")["params_after"]
+    edges = [r for r in records if r["tier"] == "edge"]
+    cloud = [r for r in records if r["tier"] == "cloud"]
+    assert len(cloud) == 2 and len(edges) == 2 * 2 * shipped.topology.edge_rounds
+    sent_whole = sent_update = 0
+    for r in edges:
+        assert r["digests_checked"] == len(r["clients"]) and r["digest_mismatches"] == []
+        per_client = r["bytes"]["edge->client"] / len(r["clients"])
+        # Never fp32 weights: fp16 (2 bytes per parameter) to a client that holds nothing,
+        # 4-bit updates (half a byte, plus scales) to one that holds a model.
+        assert per_client < 2 * params + 65536
+        sent_whole += per_client > 1.5 * params
+        sent_update += per_client < 0.2 * 4 * params
+        assert r["bytes"]["client->edge"] / len(r["clients"]) < 0.2 * 4 * params
+    assert sent_whole and sent_update
+    for r in cloud:
+        assert r["model_updated"] and r["digest_mismatches"] == []
+        assert r["bytes"]["cloud->edge"] / 2 < 2 * params + 65536
+    assert cloud[-1]["loss"] < edges[0]["loss"]  # the 4-bit updates really trained it
+    final = [r for r in records if r["tier"] == "eval"]
+    assert final and final[-1]["fd_classifier"] > 0
+    # The saved global model is the pruned one, in diffusers format.
+    model = load_pretrained(out / "model")
+    assert isinstance(model, PrunedUNet2DModel) and count_parameters(model) == params

@@ -2,9 +2,9 @@
 
 ``q8``/``q4`` downlinks send ``Q(w_global - w_held)``, the update from the model that receiver
 holds (what it rebuilt last time, tracked per connection); a receiver with no known model gets
-the whole weights, in fp32 or (``whole="fp16"``) fp16. The error never accumulates: each update is taken from the receiver's
-actual model, not from the previous global one. A receiver holds what it was sent once its
-answer reports the digest of exactly that model.
+the whole weights, in fp32 or (``whole="fp16"``) fp16. The error never accumulates: each
+update is taken from the receiver's actual model, not from the previous global one. A receiver
+holds what it was sent once its answer reports the digest of exactly that model.
 """
 
 from __future__ import annotations
