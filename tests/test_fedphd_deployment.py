@@ -100,8 +100,11 @@ def test_the_lean_config_runs_end_to_end_on_q4_updates_and_fp16_first_weights(tm
     assert (shipped.codec.downlink, shipped.codec.uplink, shipped.codec.whole) == (
         "q4", "q4", "fp16")
     out = tmp_path / "lean"
+    # Shrunk: 6 clients, 2 cloud rounds, every client every round (so that round 2 sends
+    # updates to the clients that stayed at their edge), 3 local steps (FAST).
     records = launch(out, ports, "--config", str(config), "--set", "topology.clients=6",
-                     "--set", "topology.cloud_rounds=2", *EVALUATE)
+                     "--set", "topology.cloud_rounds=2", "--set", "topology.fraction_fit=1.0",
+                     *EVALUATE)
     params = next(r for r in records if r["tier"] == "pruning")["params_after"]
     edges = [r for r in records if r["tier"] == "edge"]
     cloud = [r for r in records if r["tier"] == "cloud"]
