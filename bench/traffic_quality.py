@@ -30,6 +30,18 @@ calls a difference from FedAvg real only when the ranges do not overlap. Runs go
 ``seed-<s>/<method>`` and results.json is rewritten after each, so an interrupted command
 keeps what it finished (``--reuse`` picks up from there).
 
+``--ablation`` runs FedAvg and FedPhD's components one at a time on fedphd-digits.toml
+(hierarchy alone with FedAvg at edges and cloud; + SH-weighted cloud aggregation with static
+edges; + homogeneity-aware client-to-edge selection; + pruning 0.2, the shipped FedPhD;
++ 8-bit codecs) over ``--seeds`` and writes ablation.md: each step against the step before,
+and against flat FedAvg of the same seed at equal client steps and at equal bytes (FedAvg's
+quality read off its per-round curve). ``--methods fedphd-lean`` runs the traffic floor,
+``configs/fedphd-lean-digits.toml``, whose own edge rounds, participation and local steps
+stand.
+
+    python -m bench.traffic_quality --ablation --seeds 0,1,2
+    python -m bench.traffic_quality --methods fedphd-lean --seeds 0,1,2
+
 A method whose config is not in the repository is reported as missing, not run.
 """
 
