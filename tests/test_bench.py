@@ -193,3 +193,31 @@ def test_the_ablation_compares_each_step_with_the_one_before_and_fedavg_at_equal
     q8 = next(line for line in table if line.startswith("| + 8-bit"))
     assert "noise" in sh.split("|")[5]  # vs the row above
     assert "**real**" in q8.split("|")[5] and "less than one FedAvg round" in q8
+
+
+def test_each_ablation_step_is_a_valid_config_that_adds_one_component(tmp_path):
+    from bench.traffic_quality import ABLATION_STEPS, ALL_METHODS, FULL, LEAN, method_config
+    from fedphd.common.settings.config import load_config
+
+    known = {m.key: m for m in ALL_METHODS}
+    cfgs = {key: load_config(method_config(known[key], FULL, tmp_path / key, []))
+            for key in ABLATION_STEPS}
+    alone, sh, select, pruned, q8 = (cfgs[k] for k in ABLATION_STEPS)
+    assert alone.topology.cloud_strategy == "flwr.server.strategy.FedAvg"
+    assert sh.topology.cloud_strategy == "fedphd.server.fedphd.FedPhD"
+    assert sh.topology.cloud_strategy_args["selection"] == "static"
+    assert select.topology.cloud_strategy_args["selection"] == "fedphd"
+    assert not (alone.pruning.enabled or sh.pruning.enabled or select.pruning.enabled)
+    assert pruned.pruning.enabled and (pruned.codec.downlink, pruned.codec.uplink) == (
+        "fp32", "fp32")
+    assert q8.pruning.enabled and (q8.codec.downlink, q8.codec.uplink) == ("q8", "q8")
+    # Every step: the same split, edges, rounds and local steps.
+    assert len({(c.topology.edges, c.topology.cloud_rounds, c.topology.edge_rounds,
+                 c.training.local_steps, c.partition.classes_per_client)
+                for c in cfgs.values()}) == 1
+    # The lean config keeps its own edge rounds and local steps.
+    lean = load_config(method_config(LEAN, FULL, tmp_path / "lean", []))
+    shipped = load_config(REPO / LEAN.config)
+    assert (lean.topology.edge_rounds, lean.training.local_steps) == (
+        shipped.topology.edge_rounds, shipped.training.local_steps)
+    assert lean.topology.cloud_rounds == FULL.hier_rounds
