@@ -240,7 +240,9 @@ def run_central(method: Method, budget: Budget, run_dir: Path, timeout: float,
 def finished(run_dir: Path, fingerprint: dict[str, Any]) -> bool:
     """Whether ``run_dir`` holds a complete run of exactly this method and budget."""
     stamp = run_dir / "bench-done.json"
-    return stamp.is_file() and json.loads(stamp.read_text()) == fingerprint
+    # Compared as JSON: the stamp's lists were the fingerprint's tuples.
+    return stamp.is_file() and json.loads(stamp.read_text()) == json.loads(
+        json.dumps(fingerprint))
 
 
 def run_method(method: Method, budget: Budget, out: Path, timeout: float,
