@@ -221,3 +221,16 @@ def test_each_ablation_step_is_a_valid_config_that_adds_one_component(tmp_path):
     assert (lean.topology.edge_rounds, lean.training.local_steps) == (
         shipped.topology.edge_rounds, shipped.training.local_steps)
     assert lean.topology.cloud_rounds == FULL.hier_rounds
+
+
+def test_a_finished_run_is_recognised_from_its_stamp(tmp_path):
+    from dataclasses import asdict
+
+    from bench.traffic_quality import METHODS, finished
+
+    fingerprint = {"method": asdict(METHODS[5]), "budget": QUICK.__dict__, "config_text": "x"}
+    assert METHODS[5].extra  # a tuple, written to the stamp as a JSON list
+    assert not finished(tmp_path, fingerprint)
+    (tmp_path / "bench-done.json").write_text(json.dumps(fingerprint))
+    assert finished(tmp_path, fingerprint)
+    assert not finished(tmp_path, {**fingerprint, "config_text": "y"})
