@@ -100,8 +100,7 @@ def test_the_lean_config_runs_end_to_end_on_q4_updates_and_fp16_first_weights(tm
     assert (shipped.codec.downlink, shipped.codec.uplink, shipped.codec.whole) == (
         "q4", "q4", "fp16")
     out = tmp_path / "lean"
-    # Shrunk: 6 clients, 2 cloud rounds, every client every round (so that round 2 sends
-    # updates to the clients that stayed at their edge), 3 local steps (FAST).
+    # Shrunk: 6 clients, 2 cloud rounds, every client every round, 3 local steps (FAST).
     records = launch(out, ports, "--config", str(config), "--set", "topology.clients=6",
                      "--set", "topology.cloud_rounds=2", "--set", "topology.fraction_fit=1.0",
                      *EVALUATE)
@@ -109,20 +108,19 @@ def test_the_lean_config_runs_end_to_end_on_q4_updates_and_fp16_first_weights(tm
     edges = [r for r in records if r["tier"] == "edge"]
     cloud = [r for r in records if r["tier"] == "cloud"]
     assert len(cloud) == 2 and len(edges) == 2 * 2 * shipped.topology.edge_rounds
-    sent_whole = sent_update = 0
     for r in edges:
         assert r["digests_checked"] == len(r["clients"]) and r["digest_mismatches"] == []
-        per_client = r["bytes"]["edge->client"] / len(r["clients"])
-        # Never fp32 weights: fp16 (2 bytes per parameter) to a client that holds nothing,
-        # 4-bit updates (half a byte, plus scales) to one that holds a model.
-        assert per_client < 2 * params + 65536
-        sent_whole += per_client > 1.5 * params
-        sent_update += per_client < 0.2 * 4 * params
+        # Never fp32 weights to a client: fp16 (2 bytes per parameter) to one that holds
+        # nothing, 4-bit updates (half a byte, plus scales) to one that holds a model.
+        assert r["bytes"]["edge->client"] / len(r["clients"]) < 2 * params + 65536
+        # Answers are always 4-bit updates from the model the client received.
         assert r["bytes"]["client->edge"] / len(r["clients"]) < 0.2 * 4 * params
-    assert sent_whole and sent_update
     for r in cloud:
         assert r["model_updated"] and r["digest_mismatches"] == []
-        assert r["bytes"]["cloud->edge"] / 2 < 2 * params + 65536
+    # Both edges stay connected: fp16 weights in cloud round 1, 4-bit updates in round 2.
+    first, second = (r["bytes"]["cloud->edge"] / 2 for r in cloud)
+    assert 1.9 * params < first < 2 * params + 65536
+    assert second < 0.2 * 4 * params
     assert cloud[-1]["loss"] < edges[0]["loss"]  # the 4-bit updates really trained it
     final = [r for r in records if r["tier"] == "eval"]
     assert final and final[-1]["fd_classifier"] > 0
