@@ -246,7 +246,8 @@ def finished(run_dir: Path, fingerprint: dict[str, Any]) -> bool:
 
 
 def run_method(method: Method, budget: Budget, out: Path, timeout: float,
-               reuse: bool, user: list[str] | None = None) -> dict[str, Any]:
+               reuse: bool, user: list[str] | None = None,
+               reuse_only: bool = False) -> dict[str, Any]:
     """Run one method (unless reusable) and summarise it; never raises for a bad method."""
     config = REPO / method.config
     if not config.is_file():
@@ -264,6 +265,9 @@ def run_method(method: Method, budget: Budget, out: Path, timeout: float,
     reused = reuse and finished(run_dir, fingerprint)
     if reused:
         progress(f"{method.key}: reusing the finished run in {run_dir}")
+    elif reuse_only:
+        progress(f"{method.key}: no finished run in {run_dir}; not run (--reuse-only)")
+        return {"status": "not run", "reason": "no finished run (--reuse-only)"}
     else:
         (run_dir / "bench-done.json").unlink(missing_ok=True)  # a failed rerun is not done
         try:
@@ -558,7 +562,11 @@ def seed_summary(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ok = {seed: s for seed, s in per_seed.items() if s.get("status") == "ok"}
     reach = [s.get("bytes_to_fedavg_final") for s in ok.values() if "fd_vs_fedavg_pct" in s]
     return {
-        "seeds_ok": sorted(ok, key=int), "seeds_failed": sorted(set(per_seed) - set(ok), key=int),
+        "seeds_ok": sorted(ok, key=int),
+        "seeds_failed": sorted((seed for seed, s in per_seed.items()
+                                if s.get("status") not in ("ok", "not run")), key=int),
+        "seeds_not_run": sorted((seed for seed, s in per_seed.items()
+                                 if s.get("status") == "not run"), key=int),
         "mode": next((s["mode"] for s in ok.values()), None),
         "final_fd": spread([s["final_fd"] for s in ok.values() if s["final_fd"] is not None]),
         "total_bytes": spread([s["total_bytes"] for s in ok.values()]),
@@ -611,6 +619,8 @@ def render_seeds(result: dict[str, Any], methods: list[Method]) -> str:
     for method in methods:
         summary = entries[method.key]["summary"]
         failed = f" ({len(summary['seeds_failed'])} failed)" if summary["seeds_failed"] else ""
+        if summary.get("seeds_not_run"):
+            failed += f" ({len(summary['seeds_not_run'])} not run)"
         central = summary["mode"] == "centralised"
         rows.append(
             f"| {method.label} | {len(summary['seeds_ok'])}{failed} "
@@ -745,8 +755,8 @@ def run_seeds(methods: list[Method], seeds: list[int], budget: Budget, out: Path
             number += 1
             progress(f"[{number}/{total}] {method.label}, seed {seed}")
             result["methods"][method.key]["per_seed"][str(seed)] = run_method(
-                method, budget, out / f"seed-{seed}", args.timeout, args.reuse,
-                [*args.overrides, *seed_overrides(seed)])
+                method, budget, out / f"seed-{seed}", args.timeout, args.reuse or args.reuse_only,
+                [*args.overrides, *seed_overrides(seed)], reuse_only=args.reuse_only)
             (out / "results.json").write_text(json.dumps(result, indent=2))
     add_seed_summaries(result)
     (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -797,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default 0); adds the ablation table")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs of the same method, config and budget")
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="like --reuse, but run nothing: a method and seed without a "
+                        "finished run is reported as not run (to merge parts into one table)")
     parser.add_argument("--out", type=Path, help="result folder "
                         "(default runs/bench/traffic-quality[-quick])")
     parser.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",

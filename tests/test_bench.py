@@ -234,3 +234,11 @@ def test_a_finished_run_is_recognised_from_its_stamp(tmp_path):
     (tmp_path / "bench-done.json").write_text(json.dumps(fingerprint))
     assert finished(tmp_path, fingerprint)
     assert not finished(tmp_path, {**fingerprint, "config_text": "y"})
+
+
+def test_reuse_only_runs_nothing_and_says_so(tmp_path):
+    from bench.traffic_quality import METHODS
+
+    summary = run_method(METHODS[0], QUICK, tmp_path, timeout=10, reuse=True, reuse_only=True)
+    assert summary["status"] == "not run"
+    assert not (tmp_path / METHODS[0].key / "metrics.jsonl").exists()
