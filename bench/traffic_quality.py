@@ -110,7 +110,6 @@ METHODS = (
 # FedPhD's components one at a time (``--ablation``), on fedphd-digits.toml: each step adds one
 # to the step before; "+ pruning" is the shipped FedPhD and "+ 8-bit" FedPhD + 8-bit.
 _NO_PRUNING = "pruning.enabled=false"
-_SHIPPED_ARGS = "sh_weight = 1800.0, sh_bias = 0.0, selection_scale = 720.0"
 ABLATION = (
     Method("hier-fedavg", "hierarchy alone (FedAvg at edges and cloud)",
            "configs/fedphd-digits.toml", "hierarchical",
@@ -118,8 +117,7 @@ ABLATION = (
             "topology.cloud_strategy_args={}", _NO_PRUNING)),
     Method("hier-sh", "+ SH-weighted cloud aggregation (static edges)",
            "configs/fedphd-digits.toml", "hierarchical",
-           (f'topology.cloud_strategy_args={{ {_SHIPPED_ARGS}, selection = "static" }}',
-            _NO_PRUNING)),
+           ('topology.cloud_strategy_args.selection="static"', _NO_PRUNING)),
     Method("hier-sh-select", "+ homogeneity-aware client-to-edge selection",
            "configs/fedphd-digits.toml", "hierarchical", (_NO_PRUNING,)),
 )
@@ -262,7 +260,7 @@ def run_method(method: Method, budget: Budget, out: Path, timeout: float,
     if user:
         fingerprint["overrides"] = user
     start = time.monotonic()
-    reused = reuse and finished(run_dir, fingerprint)
+    reused = (reuse or reuse_only) and finished(run_dir, fingerprint)
     if reused:
         progress(f"{method.key}: reusing the finished run in {run_dir}")
     elif reuse_only:
@@ -295,14 +293,6 @@ def run_method(method: Method, budget: Budget, out: Path, timeout: float,
 # -------------------------------------------------------------------------------- figures
 
 
-def client_steps(records: list[dict[str, Any]], local_steps: int) -> int:
-    """Local steps actually taken: one instruction per client per (edge) round."""
-    edge = tier(records, "edge")
-    if edge:
-        return sum(len(r["clients"]) for r in edge) * local_steps
-    return sum(len(r["participants"]) for r in tier(records, "cloud")) * local_steps
-
-
 def quality_points(records: list[dict[str, Any]]) -> tuple[str, list[tuple[int, float]]]:
     """(round, fd_classifier) per evaluation: of the global model, or — for methods that keep
     parts private — the mean over the clients' own models."""
@@ -325,7 +315,8 @@ def cumulative_bytes(records: list[dict[str, Any]]) -> dict[int, int]:
 
 
 def cumulative_steps(records: list[dict[str, Any]], local_steps: int) -> dict[int, int]:
-    """Client steps taken up to and including each cloud round."""
+    """Client steps taken up to and including each cloud round: one instruction per client per
+    (edge) round."""
     per_round: dict[int, int] = {}
     edge = tier(records, "edge")
     if edge:
@@ -359,7 +350,7 @@ def summarise(method: Method, run_dir: Path, budget: Budget) -> dict[str, Any]:
                 "final_fd": evaluation["fd_classifier"], "bytes": {}, "total_bytes": 0,
                 "cloud_bytes": 0, "cumulative": {}, "run": str(run_dir)}
     records = read_metrics(run_dir / "metrics.jsonl")
-    local_steps = run_local_steps(run_dir, budget)
+    steps = cumulative_steps(records, run_local_steps(run_dir, budget))
     cloud = tier(records, "cloud")
     totals: dict[str, int] = {}
     for record in cloud:
@@ -369,13 +360,13 @@ def summarise(method: Method, run_dir: Path, budget: Budget) -> dict[str, Any]:
     pruning = tier(records, "pruning")
     return {
         "status": "ok", "mode": method.family, "cloud_rounds": len(cloud),
-        "client_steps": client_steps(records, local_steps),
+        "client_steps": max(steps.values(), default=0),
         "quality_kind": kind, "points": points,
         "final_fd": points[-1][1] if points else None,
         "bytes": totals, "total_bytes": sum(totals.values()),
         "cloud_bytes": sum(count for link, count in totals.items() if link in CLOUD_LINKS),
         "cumulative": cumulative_bytes(records),
-        "cumulative_steps": cumulative_steps(records, local_steps),
+        "cumulative_steps": steps,
         "parameters": pruning[-1]["params_after"] if pruning else None,
         "run": str(run_dir),
     }
@@ -697,10 +688,10 @@ def ablation_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
             total.append(run["total_bytes"])
             if fedavg is not None and fedavg.get("status") == "ok":
                 compared += 1
-                if (value := fd_within(fedavg, "cumulative_steps", run["client_steps"])):
-                    at_steps.append(value)
-                if (value := fd_within(fedavg, "cumulative", run["total_bytes"])):
-                    at_bytes.append(value)
+                at_steps.append(fd_within(fedavg, "cumulative_steps", run["client_steps"]))
+                at_bytes.append(fd_within(fedavg, "cumulative", run["total_bytes"]))
+        at_steps = [v for v in at_steps if v is not None]
+        at_bytes = [v for v in at_bytes if v is not None]
         steps.append({"key": key, "seeds": len(finals), "final_fd": spread(finals),
                       "client_steps": spread(client_steps), "total_bytes": spread(total),
                       "fedavg_at_steps": spread(at_steps), "fedavg_at_bytes": spread(at_bytes),
@@ -755,7 +746,7 @@ def run_seeds(methods: list[Method], seeds: list[int], budget: Budget, out: Path
             number += 1
             progress(f"[{number}/{total}] {method.label}, seed {seed}")
             result["methods"][method.key]["per_seed"][str(seed)] = run_method(
-                method, budget, out / f"seed-{seed}", args.timeout, args.reuse or args.reuse_only,
+                method, budget, out / f"seed-{seed}", args.timeout, args.reuse,
                 [*args.overrides, *seed_overrides(seed)], reuse_only=args.reuse_only)
             (out / "results.json").write_text(json.dumps(result, indent=2))
     add_seed_summaries(result)
@@ -769,7 +760,7 @@ def write_tables(out: Path, result: dict[str, Any], methods: list[Method]) -> No
     table = render_seeds(result, methods)
     (out / "table.md").write_text(table + "\n")
     print(table)
-    if any(key in result["methods"] for key in ABLATION_STEPS[:3]):
+    if any(method.key in result["methods"] for method in ABLATION):
         ablation = render_ablation(result)
         (out / "ablation.md").write_text(ablation + "\n")
         print("\n" + ablation)
