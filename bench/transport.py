@@ -5,12 +5,16 @@ The project round is the real deployment (``fedphd launch``: cloud, one edge, on
 separate processes over Flower's gRPC transport), fp32 both ways, ``training.local_steps=0``;
 its time is the cloud's ``seconds`` for the round in ``metrics.jsonl`` (Flower's
 ``fit_round``: encode, four transfers, decode, load, aggregate). Round 1 also waits for the
-client to connect and build its model, so only rounds 2.. count (median). The reference is
-``bench.bare_grpc``: three processes, two unary calls nested, payloads of exactly the sizes
-the project metered on each link (median of ``--repeats`` calls).
+client to connect and build its model, and the rounds after it are slower while the processes
+warm up (fresh heap pages, gRPC's flow-control windows growing), so the first ``--warmup``
+rounds are not measured (median of the rest). The reference is ``bench.bare_grpc``: three
+processes, two unary calls nested, payloads of exactly the sizes the project metered on each
+link, the same number of untimed warm-up calls first (median of ``--repeats`` calls). The
+result also gives the ratio measured the way this bench did before 2026-12-02 (project rounds
+2.., bare calls after one warm-up call, the first 5): ``ratio_one_warmup``.
 
     python -m bench.transport            # the 35.75 M ddpm-cifar10 U-Net (143 MB per message)
-    python -m bench.transport --quick    # the 1.1 M tiny U-Net, 10 rounds, < 2 min
+    python -m bench.transport --quick    # the 1.1 M tiny U-Net, 20 rounds, < 2 min
     python -m bench.transport --plain-client   # the client: examples/plain_client.py
     python -m bench.transport --set training.device=cuda   # where a GPU is
 
@@ -61,6 +65,7 @@ QUICK_CONFIG = REPO / "common" / "configs" / "default.toml"
 LINKS = ("cloud->edge", "edge->client", "client->edge", "edge->cloud")
 EXAMPLE = REPO / "examples" / "plain_client.py"
 POLL_SECONDS = 0.5
+ONE_WARMUP_CALLS = 5  # the bench's bare calls before 2026-12-02, after one warm-up call
 
 
 def round_overrides(rounds: int) -> list[str]:
@@ -84,7 +89,8 @@ def round_overrides(rounds: int) -> list[str]:
 
 
 def project_round(config: Path, out: Path, rounds: int, extra: list[str],
-                  timeout: float, plain_client: bool = False) -> dict[str, Any]:
+                  timeout: float, plain_client: bool = False,
+                  warmup: int = 1) -> dict[str, Any]:
     """Run the deployment; the median steady-state cloud round and the bytes of each link."""
     cfg = derive_config(config, [*round_overrides(rounds), *loopback_overrides(), *extra],
                         drop=[("partition", "pairs")])
@@ -97,15 +103,19 @@ def project_round(config: Path, out: Path, rounds: int, extra: list[str],
     else:
         records = launch(resolved, out / "run", timeout=timeout, label="transport").records
     cloud = tier(records, "cloud")
-    steady = [r for r in cloud if r["round"] >= 2]
+    steady = [r for r in cloud if r["round"] > warmup]
     if not steady:
-        raise BenchError("the run has no cloud round after the first; use --rounds >= 2")
-    edge = [r for r in tier(records, "edge") if r["cloud_round"] >= 2]
+        raise BenchError(f"the run has no cloud round after the {warmup} warm-up round(s); "
+                         "use more --rounds or fewer --warmup")
+    edge = [r for r in tier(records, "edge") if r["cloud_round"] > warmup]
+    after_first = [r["seconds"] for r in cloud if r["round"] >= 2]
     return {
         "preset": cfg.model.preset,
+        "warmup_rounds": warmup,
         "rounds_measured": [r["round"] for r in steady],
         "round_seconds": [r["seconds"] for r in steady],
         "round_median_s": median(r["seconds"] for r in steady),
+        "round_median_after_first_s": median(after_first),
         "edge_round_median_s": median(r["seconds"] for r in edge) if edge else None,
         "first_round_s": cloud[0]["seconds"],
         "bytes": {link: steady[-1]["bytes"][link] for link in LINKS},
@@ -159,8 +169,10 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen:
                                 env=child_env())
 
 
-def bare_round(sizes: dict[str, int], repeats: int, out: Path) -> dict[str, Any]:
-    """The same four transfers through bare grpcio processes (relay = edge, echo = client)."""
+def bare_round(sizes: dict[str, int], repeats: int, out: Path,
+               warmup: int = 1) -> dict[str, Any]:
+    """The same four transfers through bare grpcio processes (relay = edge, echo = client):
+    ``warmup`` (>= 1) untimed calls, then ``repeats`` timed ones."""
     echo_port, relay_port = free_port_block(1), free_port_block(1)
     module = [sys.executable, "-m", "bench.bare_grpc"]
     echo = _start([*module, "echo", "--port", str(echo_port),
@@ -170,15 +182,20 @@ def bare_round(sizes: dict[str, int], repeats: int, out: Path) -> dict[str, Any]
                     "--forward-bytes", str(sizes["edge->client"]),
                     "--reply-bytes", str(sizes["edge->cloud"])], out / "bare-relay.log")
     try:
-        progress(f"bare grpcio: {repeats} round trips of "
+        progress(f"bare grpcio: {warmup} + {repeats} round trips of "
                  f"{megabytes(sum(sizes.values()))} through relay and echo processes")
-        seconds = bare_grpc.timed_calls(f"127.0.0.1:{relay_port}", sizes["cloud->edge"],
-                                        repeats)
+        # One connection, one untimed call, then every call timed: the first ``warmup - 1``
+        # timed ones are this bench's warm-up, the first five its measure before 2026-12-02.
+        timed = bare_grpc.timed_calls(f"127.0.0.1:{relay_port}", sizes["cloud->edge"],
+                                      warmup - 1 + repeats)
+        seconds, one_warmup = timed[warmup - 1:], timed[:ONE_WARMUP_CALLS]
     finally:
         for process in (relay, echo):
             process.terminate()
             process.wait(timeout=30)
-    return {"round_seconds": seconds, "round_median_s": median(seconds)}
+    return {"warmup_calls": warmup, "round_seconds": seconds,
+            "round_median_s": median(seconds),
+            "one_warmup_seconds": one_warmup, "one_warmup_median_s": median(one_warmup)}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -190,7 +207,7 @@ def render(result: dict[str, Any]) -> str:
         rows.append(f"| of which the edge↔client round | {project['edge_round_median_s']:.3f} s "
                     "| same rounds |")
     rows.append(f"| bare grpcio relay, same bytes, same hops | {bare['round_median_s']:.3f} s | "
-                f"{len(bare['round_seconds'])} calls |")
+                f"{len(bare['round_seconds'])} calls after {bare['warmup_calls']} untimed |")
     lines = [
         f"# Transport overhead ({project['preset']} U-Net, fp32, no local steps, "
         f"{project['client']})",
@@ -209,6 +226,11 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"project / bare = {result['ratio']:.2f} (first project round, with connection and "
         f"model build: {project['first_round_s']:.2f} s)",
+        "",
+        f"measured as before 2026-12-02 (project rounds 2.., bare: the first "
+        f"{len(bare['one_warmup_seconds'])} calls after one untimed): "
+        f"{project['round_median_after_first_s']:.3f} s / {bare['one_warmup_median_s']:.3f} s "
+        f"= {result['ratio_one_warmup']:.2f}",
     ]
     return "\n".join(lines)
 
@@ -219,34 +241,46 @@ def main(argv: list[str] | None = None) -> int:
         description="One project round with no local steps vs bare grpcio, same bytes, same hops.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="tiny U-Net, 10 rounds (< 2 min); default: ddpm-cifar10, 6 rounds")
+                        help="tiny U-Net, 20 rounds of which 5 warm up (< 2 min); default: "
+                        "ddpm-cifar10, 6 rounds of which 1 warms up")
     parser.add_argument("--config", type=Path, help="base config (default by --quick)")
     parser.add_argument("--plain-client", action="store_true",
                         help="the client is examples/plain_client.py (stock Flower, no tensor "
                         "link) instead of fedphd client")
-    parser.add_argument("--rounds", type=int, help="cloud rounds (round 1 is not measured)")
-    parser.add_argument("--repeats", type=int, default=5, help="bare grpcio calls (default 5)")
+    parser.add_argument("--rounds", type=int, help="cloud rounds, warm-up rounds included")
+    parser.add_argument("--warmup", type=int,
+                        help="rounds not measured, and untimed bare calls (default: 5 with "
+                        "--quick, else 1, fewer where --rounds leaves none measured; at "
+                        "least 1: round 1 waits for the client)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed bare grpcio calls (default: the measured rounds' count)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="config override, after the bench's")
     parser.add_argument("--out", type=Path, help="result folder (default runs/bench/transport)")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
     config = args.config or (QUICK_CONFIG if args.quick else FULL_CONFIG)
-    # Medians of 9 (tiny, ~0.1 s each) and 5 (143 MB, ~1.5 s each) measured rounds: the first
-    # rounds after the start are the slowest (fresh memory, connections warming up), and two
-    # or three of them would make the median one of those.
-    rounds = args.rounds or (10 if args.quick else 6)
+    # Medians of 15 (tiny, ~0.08 s each) and 5 (143 MB, ~1.5 s each) measured rounds. A tiny
+    # round is still getting faster at round 6 (0.40, 0.20, 0.21, 0.17, 0.14 s, then ~0.08),
+    # so its first 5 are left out, and the bare relay is warmed up with as many calls; a
+    # 143 MB round is steady from round 2.
+    rounds = args.rounds or (20 if args.quick else 6)
+    # The default leaves at least one round measured (e.g. a smoke run's --rounds 2).
+    default_warmup = min(5 if args.quick else 1, rounds - 1)
+    warmup = max(1, args.warmup if args.warmup is not None else default_warmup)
+    repeats = args.repeats or max(1, rounds - warmup)
     name = "transport" + ("-quick" if args.quick else "") + ("-plain" if args.plain_client else "")
     out = args.out or REPO / "runs" / "bench" / name
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     project = project_round(config, out, rounds, args.overrides, args.timeout,
-                            plain_client=args.plain_client)
-    bare = bare_round(project["bytes"], args.repeats, out)
+                            plain_client=args.plain_client, warmup=warmup)
+    bare = bare_round(project["bytes"], repeats, out, warmup)
     result = {
         "machine": machine_info(), "command": command_line(), "config": str(config),
         "project": project, "bare": bare,
         "ratio": project["round_median_s"] / bare["round_median_s"],
+        "ratio_one_warmup": project["round_median_after_first_s"] / bare["one_warmup_median_s"],
         "bench_seconds": round(time.monotonic() - start, 1),
     }
     (out / "transport.json").write_text(json.dumps(result, indent=2))

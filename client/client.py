@@ -245,13 +245,14 @@ class DiffusionClient(Client):
         names = tensor_names(self.local.arch_json)
         sent_at = shared.sent_at(names)
         part = self.link.receive(ins.parameters, ins.config)
-        own = model_views(model)
+        state = self.local.state_tensors
+        own = model_views(model, state)
         # Hashed while the model loads and trains and the answer is encoded: what the model
         # holds once loaded is ``part`` itself where it has the model's dtypes.
         same_dtypes = all(array.dtype == own[index].dtype
                           for index, array in zip(sent_at, part, strict=True))
         digest = self.link.keep_soon(part) if same_dtypes else None
-        load_ndarrays(model, merge(own, part, sent_at))
+        load_ndarrays(model, merge(own, part, sent_at), state)
         reference = as_loaded(own, part, sent_at)
         if digest is None:
             digest = self.link.keep_soon(select(reference, sent_at))
@@ -274,7 +275,7 @@ class DiffusionClient(Client):
                received: Received) -> Parameters:
         """The returned groups, encoded; with private parts the whole model is saved first."""
         model = self.local.model
-        trained = model_views(model)  # encoded before the model changes again
+        trained = model_views(model, self.local.state_tensors)  # encoded before it changes
         if shared.private:
             self.private.save(model)
         at = shared.returned_at(received.names)

@@ -15,7 +15,7 @@ from fedphd.common.core.diffusion import (
     endless_batches,
     make_noise_scheduler,
 )
-from fedphd.common.core.models import architecture_from_json, build_unet
+from fedphd.common.core.models import StateTensors, architecture_from_json, build_unet
 from fedphd.common.settings.config import RunConfig, TrainingConfig
 from fedphd.common.wire.keys import ARCH_KEY
 
@@ -33,6 +33,7 @@ class LocalModel:
         self.arch_json: str | None = None
         self.trainer: DiffusionTrainer | None = None
         self.batches: BatchStream | None = None
+        self._state: tuple[torch.nn.Module, StateTensors] | None = None
 
     @property
     def model(self) -> UNet2DModel:
@@ -64,12 +65,24 @@ class LocalModel:
             raise ValueError(f"cannot build the U-Net the server described in {ARCH_KEY}: "
                              f"{error}") from None
         training = self.training_config()
+        self._state = None
         self.trainer = DiffusionTrainer(
             model, make_noise_scheduler(self.cfg.diffusion), training, self.device
         )
         self.batches = endless_batches(self.dataset, training.batch_size, training.seed,
                                        self.device)
         self.arch_json = arch_json
+
+    @property
+    def state_tensors(self) -> StateTensors:
+        """The model's ``state_dict()`` (live tensors, in wire order), kept for the model's
+        life: its tensors share the parameters' storage (training and loading write in
+        place; a new architecture is a new model), and building it walks every module,
+        several times a round otherwise."""
+        model = self.model
+        if self._state is None or self._state[0] is not model:
+            self._state = (model, model.state_dict())
+        return self._state[1]
 
     def train(self, steps: int, lr: float,
               extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
@@ -84,7 +97,7 @@ class LocalModel:
         """Live references (the caller copies them); None before the first instruction."""
         if self.trainer is None:
             return None
-        return {"arch_json": self.arch_json, "weights": self.trainer.model.state_dict(),
+        return {"arch_json": self.arch_json, "weights": self.state_tensors,
                 "trainer": self.trainer.state_dict(), "batches": self.batches.position}
 
     def load_state(self, state: dict[str, Any] | None) -> None:

@@ -195,7 +195,7 @@ class EdgeAggregator(Client):
         # Hashed while the edge rounds run, on cores they leave idle: read when the edge
         # answers, after all its rounds.
         received_digest = self.carried.held.keep_soon(global_arrays, idle=True)
-        global_parameters = ndarrays_to_parameters(global_arrays)
+        global_parameters = codec.fp32_message(global_arrays, ins.parameters)
         strategy = self._edge_strategy(global_parameters, ins.config, cloud_round,
                                        Rebuilt(global_arrays, received_digest))
         rounds = self._run_edge_rounds(strategy, global_parameters, ins.config, cloud_round)

@@ -6,14 +6,31 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from fedphd.client.local_model import LocalModel
+from fedphd.common.core.models import (
+    architecture_to_json,
+    load_ndarrays,
+    model_views,
+    unet_config,
+)
 from fedphd.common.federation.downlink import Downlink
 from fedphd.common.federation.held import HeldModel, Rebuilt
 from fedphd.common.federation.sharing import Layout
-from fedphd.common.wire import codec, npy
+from fedphd.common.settings.config import load_config
+from fedphd.common.wire import codec, limits, npy
+from fedphd.common.wire.transport import (
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+
+CONFIG = Path(__file__).resolve().parents[1] / "common" / "configs" / "default.toml"
 
 ARRAYS = [
     np.array(3.5, dtype=np.float32),
@@ -102,3 +119,70 @@ def test_a_forwarded_model_keeps_the_digest_it_was_received_with():
     downlink.encode_for("c1", other, layout, np.random.default_rng(0))
     assert downlink.sent_to("c1").pending_digest is not pending
     assert downlink.sent_to("c1").digest == pending.result()
+
+
+def test_a_payload_is_decoded_once_while_it_holds_the_same_blobs():
+    model = [np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(4, dtype=np.int64)]
+    payload = codec.encode(model, "fp32")
+    first = codec.decode(payload)
+    again = codec.decode(payload)
+    assert all(a is b for a, b in zip(first, again, strict=True))  # headers not parsed again
+    assert all(a is b for a, b in zip(parameters_to_ndarrays(payload), first, strict=True))
+    # A tensor replaced by other bytes is read from those bytes.
+    changed = np.full((2, 3), 7.0, dtype=np.float32)
+    payload.tensors[0] = npy.npy_bytes(changed)
+    fresh = codec.decode(payload)
+    assert fresh[0] is not first[0] and np.array_equal(fresh[0], changed)
+    assert np.array_equal(fresh[1], model[1])
+    # An fp16 tensor in an fp32 payload: Flower's reader keeps fp16, the codec widens it,
+    # each every time (neither answer is taken for the other).
+    mixed = Parameters(tensors=[npy.npy_bytes(np.ones(3, np.float16))],
+                       tensor_type=codec.FP32)
+    assert parameters_to_ndarrays(mixed)[0].dtype == np.float16
+    assert codec.decode(mixed)[0].dtype == np.float32
+    assert parameters_to_ndarrays(mixed)[0].dtype == np.float16
+    # Writable arrays (the caller's own, which may change) are not taken as the decoding.
+    writable = [np.arange(3, dtype=np.float32)]
+    sent = ndarrays_to_parameters(writable)
+    assert codec.decode(sent)[0] is not writable[0]
+
+
+def test_a_model_received_and_sent_on_unchanged_is_the_received_payload():
+    received = codec.encode([np.arange(6, dtype=np.float32)], "fp32")
+    arrays = codec.decode(received)
+    assert codec.fp32_message(arrays, received) is received
+    other = [np.arange(6, dtype=np.float32) + 1]
+    message = codec.fp32_message(other, received)
+    assert message is not received and np.array_equal(codec.decode(message)[0], other[0])
+
+
+def test_freed_heap_memory_is_kept_up_to_the_threshold_and_handed_back_above_it():
+    if limits.free_heap_bytes() is None:
+        pytest.skip("this C library has no mallinfo2 (glibc 2.33+): it trims every time")
+    # Fragmented heap memory: every other block freed, below glibc's mmap threshold.
+    blocks = [bytearray(64 * 1024) for _ in range(1024)]
+    del blocks[::2]
+    free = limits.free_heap_bytes()
+    assert free >= 16 * 2**20
+    assert limits.release_free_memory(keep=free + 2**30) is False
+    assert limits.free_heap_bytes() >= free - 2**20  # nothing handed back
+    assert limits.release_free_memory(keep=2**20) is True
+    del blocks
+
+
+def test_a_clients_state_tensors_are_its_models_own_until_it_is_rebuilt():
+    cfg = load_config(CONFIG)
+    images = torch.zeros(4, 1, 8, 8)  # only counted: nothing trains here
+    local = LocalModel(cfg, 0, torch.utils.data.TensorDataset(images), torch.device("cpu"))
+    arch = architecture_to_json(unet_config(cfg.model))
+    local.rebuild(arch)
+    state = local.state_tensors
+    assert local.state_tensors is state
+    assert list(state) == list(local.model.state_dict())
+    zeros = [np.zeros(t.shape, np.float32) for t in state.values()]
+    load_ndarrays(local.model, zeros, state)
+    assert all(float(p.abs().sum()) == 0.0 for p in local.model.parameters())
+    assert all(not v.any() for v in model_views(local.model, state))
+    local.rebuild(arch)  # a new model: its own tensors
+    assert local.state_tensors is not state
+    assert any(float(p.abs().sum()) > 0 for p in local.model.parameters())

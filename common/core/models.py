@@ -8,6 +8,7 @@ tensors; no pickled module ever crosses the wire.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -110,16 +111,23 @@ def model_to_ndarrays(model: torch.nn.Module) -> list[np.ndarray]:
     return [t.detach().cpu().numpy().copy() for t in model.state_dict().values()]
 
 
-def model_views(model: torch.nn.Module) -> list[np.ndarray]:
+StateTensors = Mapping[str, torch.Tensor]
+
+
+def model_views(model: torch.nn.Module, state: StateTensors | None = None) -> list[np.ndarray]:
     """The state tensors in wire order as numpy views of a CPU model's own storage (copies
     from another device): for reading at once, e.g. to encode an answer; they change with
-    the model."""
-    return [t.detach().cpu().numpy() for t in model.state_dict().values()]
+    the model. ``state``: the model's ``state_dict()`` when the caller keeps it (its tensors
+    share the parameters' storage for the model's life; building it walks every module)."""
+    state = model.state_dict() if state is None else state
+    return [t.detach().cpu().numpy() for t in state.values()]
 
 
-def load_ndarrays(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
-    """Load tensors in ``state_dict`` order, refusing any count or shape mismatch."""
-    state = model.state_dict()
+def load_ndarrays(model: torch.nn.Module, arrays: list[np.ndarray],
+                  state: StateTensors | None = None) -> None:
+    """Load tensors in ``state_dict`` order, refusing any count or shape mismatch
+    (``state`` as for :func:`model_views`)."""
+    state = model.state_dict() if state is None else state
     if len(arrays) != len(state):
         raise ValueError(f"expected {len(state)} tensors for this model, got {len(arrays)}")
     for (name, current), array in zip(state.items(), arrays, strict=True):

@@ -65,7 +65,6 @@ from fedphd.common.wire.transport import (
     Parameters,
     Scalar,
     Strategy,
-    ndarrays_to_parameters,
 )
 
 RUNNING_SUM_ATTRIBUTE = "running_sum"
@@ -219,11 +218,12 @@ class RunningMean:
 def weighted_mean_result(
     strategy: Strategy, arrays: list[np.ndarray],
     accepted: list[tuple[ClientProxy, FitRes]], failures: list,
-) -> tuple[Parameters | None, dict[str, Scalar]]:
-    """What FedAvg's ``aggregate_fit`` returns for these answers, from their folded mean."""
+) -> tuple[list[np.ndarray] | None, dict[str, Scalar]]:
+    """What FedAvg's ``aggregate_fit`` returns for these answers, from their folded mean (the
+    arrays themselves: the caller checks them before they become the model's message)."""
     if not getattr(strategy, "accept_failures", True) and failures:
         return None, {}
     metrics_fn = getattr(strategy, "fit_metrics_aggregation_fn", None)
     metrics = metrics_fn([(res.num_examples, res.metrics) for _, res in accepted]) \
         if metrics_fn else {}
-    return ndarrays_to_parameters(arrays), metrics
+    return arrays, metrics

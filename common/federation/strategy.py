@@ -374,7 +374,14 @@ class ManagedStrategy(Strategy):
     def _as_model_dtypes(self, server_round: int, parameters: Parameters) -> Parameters | None:
         """Keep the global model in the model's own dtypes (numpy maths in e.g. FedAdam
         promotes to float64, which would double every later message)."""
-        arrays = codec.decode(parameters)
+        return self._model_message(server_round, codec.decode(parameters), parameters)
+
+    def _model_message(self, server_round: int, arrays: list[np.ndarray],
+                       parameters: Parameters | None = None) -> Parameters | None:
+        """The aggregate ``arrays`` as the global model's message, in the model's dtypes,
+        after the checks every answer passed (None: unusable, the previous model stays);
+        ``parameters``: their message when they were decoded from one (kept as it is where
+        the dtypes already match)."""
         try:
             check_update([a.astype(r.dtype, copy=False) for a, r in zip(arrays, self._reference,
                                                                        strict=False)],
@@ -384,7 +391,7 @@ class ManagedStrategy(Strategy):
                       server_round, self.inner.__class__.__name__, error)
             return None
         if all(a.dtype == r.dtype for a, r in zip(arrays, self._reference, strict=True)):
-            return parameters
+            return ndarrays_to_parameters(arrays) if parameters is None else parameters
         return ndarrays_to_parameters(
             [a.astype(r.dtype) for a, r in zip(arrays, self._reference, strict=True)]
         )
@@ -449,10 +456,10 @@ class ManagedStrategy(Strategy):
         if mean is None:
             return RoundAggregate(None, {}, summary)
         all_failures = list(failures) + [ValueError(reason) for reason in rejected.values()]
-        parameters, metrics = running_mean.weighted_mean_result(self.inner, mean, accepted,
-                                                                all_failures)
-        if parameters is not None:
-            parameters = self._as_model_dtypes(server_round, parameters)
+        arrays, metrics = running_mean.weighted_mean_result(self.inner, mean, accepted,
+                                                            all_failures)
+        # The mean's arrays are checked as they are, not re-decoded from their message.
+        parameters = None if arrays is None else self._model_message(server_round, arrays)
         return RoundAggregate(parameters, metrics, summary)
 
 

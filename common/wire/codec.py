@@ -21,7 +21,8 @@ import threading
 
 import numpy as np
 
-from fedphd.common.wire.npy import CodecError, load_tensor, npy_bytes, raw_bytes
+from fedphd.common.wire import npy
+from fedphd.common.wire.npy import CodecError, load_tensor, raw_bytes
 from fedphd.common.wire.quantization import ErrorFeedback, dequantize_all, quantize_all
 from fedphd.common.wire.transport import Parameters
 
@@ -75,7 +76,21 @@ def encode(
 
 def to_parameters(arrays: list[np.ndarray], tensor_type: str = FP32) -> Parameters:
     """``arrays`` as ``.npy`` blobs (what ``ndarrays_to_parameters`` makes, one copy each)."""
-    return Parameters(tensors=[npy_bytes(a) for a in arrays], tensor_type=tensor_type)
+    tensors, views = npy.encode_views(arrays)
+    parameters = Parameters(tensors=tensors, tensor_type=tensor_type)
+    if views and tensor_type == FP32:  # decoding it gives ``arrays`` back
+        npy.DECODED.remember(parameters, arrays)
+    return parameters
+
+
+def fp32_message(arrays: list[np.ndarray], decoded_from: Parameters) -> Parameters:
+    """``arrays`` as an fp32 message: ``decoded_from`` itself when ``arrays`` are exactly
+    what it decodes to (a model received and sent on unchanged), else :func:`to_parameters`."""
+    known = npy.DECODED.recall(decoded_from) if decoded_from.tensor_type == FP32 else None
+    if known is not None and len(known) == len(arrays) and all(
+            a is b for a, b in zip(known, arrays, strict=True)):
+        return decoded_from
+    return to_parameters(arrays)
 
 
 def decode(parameters: Parameters, reference: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -88,7 +103,13 @@ def decode(parameters: Parameters, reference: list[np.ndarray] | None = None) ->
             f"unknown tensor type {parameters.tensor_type!r}; "
             f"allowed: {sorted(_TENSOR_TYPES.values())}"
         )
+    if parameters.tensor_type == FP32:
+        known = npy.DECODED.recall(parameters)
+        if known is not None:
+            return known
     arrays = [load_tensor(index, blob) for index, blob in enumerate(parameters.tensors)]
+    if parameters.tensor_type == FP32 and reference is None:
+        npy.DECODED.remember(parameters, arrays)  # kept only where nothing is widened below
     if parameters.tensor_type in _BITS:
         if reference is None:
             raise CodecError(f"{parameters.tensor_type} carries an update: no reference model")

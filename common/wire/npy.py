@@ -13,6 +13,10 @@ from __future__ import annotations
 import functools
 import io
 import math
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +27,11 @@ class CodecError(ValueError):
 
 def npy_bytes(array: np.ndarray) -> bytes:
     """``np.save(array, allow_pickle=False)``'s bytes, with the data copied once."""
+    return _encoded(array)[0]
+
+
+def _encoded(array: np.ndarray) -> tuple[bytes, bool]:
+    """:func:`npy_bytes`, and whether the blob is the one ``array`` is a view of (no copy)."""
     array = np.asanyarray(array)
     if array.dtype.hasobject:
         raise CodecError("object (pickled) arrays cannot be sent")
@@ -33,9 +42,10 @@ def npy_bytes(array: np.ndarray) -> bytes:
                                  array.shape, fortran)
     blob = _blob_holding(array, header_bytes)
     if blob is not None:
-        return blob
+        return blob, True
     # A Fortran-ordered array is written in its own order, as np.save does (the header says so).
-    return b"".join((header_bytes, raw_bytes(array if array.flags.c_contiguous else array.T)))
+    data = raw_bytes(array if array.flags.c_contiguous else array.T)
+    return b"".join((header_bytes, data)), False
 
 
 @functools.lru_cache(maxsize=8192)
@@ -61,6 +71,65 @@ def _blob_holding(array: np.ndarray, header: bytes) -> bytes | None:
         return None
     start = np.frombuffer(blob, dtype=np.uint8, count=1).__array_interface__["data"][0]
     return blob if array.__array_interface__["data"][0] == start + len(header) else None
+
+
+def encode_views(arrays: Sequence[np.ndarray]) -> tuple[list[bytes], bool]:
+    """:func:`npy_bytes` of each array, and whether every blob is the one its array is a
+    read-only view of (nothing copied: decoding the blobs gives those arrays again)."""
+    blobs, held = [], True
+    for array in arrays:
+        blob, view = _encoded(array)
+        held = held and view and not array.flags.writeable
+        blobs.append(blob)
+    return blobs, held
+
+
+class DecodedMemo:
+    """What a payload decodes to, kept beside the payload object while it lives.
+
+    A server decodes the same ``Parameters`` several times a round (its strategy step, its
+    downlink, its checks) and re-wraps arrays it decoded into a new message that decodes to
+    them again; each decode parses every header (~4 us a tensor, hundreds of tensors). Only
+    read-only arrays that are views of the payload's own (immutable) blobs are kept, and a
+    memo counts only while the payload holds exactly the same blob objects. Arrays with a
+    float16 tensor are not kept: Flower's reader returns those as they are, the codec's
+    widens them to float32, so the two readers would not agree on them."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, str, list[bytes], list[np.ndarray]]] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, parameters: Any, arrays: Sequence[np.ndarray]) -> None:
+        if any(array.flags.writeable or array.dtype == np.float16 for array in arrays):
+            return
+        key = id(parameters)
+        try:
+            ref = weakref.ref(parameters, lambda _, key=key: self._forget(key))
+        except TypeError:  # an object without weak references: nothing kept
+            return
+        with self._lock:
+            self._entries[key] = (ref, parameters.tensor_type, list(parameters.tensors),
+                                  list(arrays))
+
+    def recall(self, parameters: Any) -> list[np.ndarray] | None:
+        with self._lock:
+            entry = self._entries.get(id(parameters))
+        if entry is None:
+            return None
+        ref, tensor_type, blobs, arrays = entry
+        tensors = parameters.tensors
+        if (ref() is not parameters or tensor_type != parameters.tensor_type
+                or len(tensors) != len(blobs)
+                or any(a is not b for a, b in zip(tensors, blobs, strict=True))):
+            return None
+        return list(arrays)
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+
+DECODED = DecodedMemo()
 
 
 def raw_bytes(array: np.ndarray) -> memoryview | bytes:

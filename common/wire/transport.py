@@ -182,14 +182,26 @@ __all__ = [
 ]
 
 def ndarrays_to_parameters(arrays: list[np.ndarray]) -> Parameters:
-    """Flower's ``ndarrays_to_parameters`` — the same bytes — with each tensor copied once."""
-    return Parameters(tensors=[npy.npy_bytes(a) for a in arrays], tensor_type="numpy.ndarray")
+    """Flower's ``ndarrays_to_parameters`` — the same bytes — with each tensor copied once
+    (none where an array is a read-only view of its own blob, e.g. one just decoded)."""
+    tensors, views = npy.encode_views(arrays)
+    parameters = Parameters(tensors=tensors, tensor_type="numpy.ndarray")
+    if views:  # decoding it gives ``arrays`` back
+        npy.DECODED.remember(parameters, arrays)
+    return parameters
 
 
 def parameters_to_ndarrays(parameters: Parameters) -> list[np.ndarray]:
     """Flower's ``parameters_to_ndarrays`` without copies: read-only views of the tensors'
     bytes, each header checked (:func:`fedphd.common.wire.npy.load_tensor`)."""
-    return [npy.load_tensor(index, blob) for index, blob in enumerate(parameters.tensors)]
+    fp32 = parameters.tensor_type == "numpy.ndarray"
+    known = npy.DECODED.recall(parameters) if fp32 else None
+    if known is not None:
+        return known
+    arrays = [npy.load_tensor(index, blob) for index, blob in enumerate(parameters.tensors)]
+    if fp32:
+        npy.DECODED.remember(parameters, arrays)
+    return arrays
 
 
 # gRPC's ceiling; runs pass fedphd.common.wire.limits' limit.
