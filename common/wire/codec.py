@@ -22,9 +22,13 @@ import threading
 import numpy as np
 
 from fedphd.common.wire import npy
-from fedphd.common.wire.npy import CodecError, load_tensor, raw_bytes
+from fedphd.common.wire.npy import CodecError, load_tensor, npy_bytes, raw_bytes
 from fedphd.common.wire.quantization import ErrorFeedback, dequantize_all, quantize_all
-from fedphd.common.wire.transport import Parameters
+from fedphd.common.wire.transport import (
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 
 __all__ = ["CodecError", "PendingDigest", "decode", "digest", "encode", "load_tensor",
            "to_parameters"]
@@ -76,11 +80,9 @@ def encode(
 
 def to_parameters(arrays: list[np.ndarray], tensor_type: str = FP32) -> Parameters:
     """``arrays`` as ``.npy`` blobs (what ``ndarrays_to_parameters`` makes, one copy each)."""
-    tensors, views = npy.encode_views(arrays)
-    parameters = Parameters(tensors=tensors, tensor_type=tensor_type)
-    if views and tensor_type == FP32:  # decoding it gives ``arrays`` back
-        npy.DECODED.remember(parameters, arrays)
-    return parameters
+    if tensor_type == FP32:  # Flower's own type: its writer, which remembers the decoding
+        return ndarrays_to_parameters(arrays)
+    return Parameters(tensors=[npy_bytes(a) for a in arrays], tensor_type=tensor_type)
 
 
 def fp32_message(arrays: list[np.ndarray], decoded_from: Parameters) -> Parameters:
@@ -103,13 +105,10 @@ def decode(parameters: Parameters, reference: list[np.ndarray] | None = None) ->
             f"unknown tensor type {parameters.tensor_type!r}; "
             f"allowed: {sorted(_TENSOR_TYPES.values())}"
         )
-    if parameters.tensor_type == FP32:
-        known = npy.DECODED.recall(parameters)
-        if known is not None:
-            return known
-    arrays = [load_tensor(index, blob) for index, blob in enumerate(parameters.tensors)]
     if parameters.tensor_type == FP32 and reference is None:
-        npy.DECODED.remember(parameters, arrays)  # kept only where nothing is widened below
+        arrays = parameters_to_ndarrays(parameters)  # decoded once per payload (npy.DECODED)
+    else:
+        arrays = [load_tensor(index, blob) for index, blob in enumerate(parameters.tensors)]
     if parameters.tensor_type in _BITS:
         if reference is None:
             raise CodecError(f"{parameters.tensor_type} carries an update: no reference model")
