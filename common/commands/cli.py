@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedphd.common.data.datasets import (
         DatasetNotFoundError,  # heavy (torch): only once a command runs
     )
+    from fedphd.common.wire.limits import keep_buffers_for_reuse
+
+    keep_buffers_for_reuse()  # before any model or message is allocated
 
     try:
         return int(args.run(args) or 0)
