@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +159,27 @@ def test_a_model_received_and_sent_on_unchanged_is_the_received_payload():
     assert message is not received and np.array_equal(codec.decode(message)[0], other[0])
 
 
+def test_arrays_a_live_payload_decodes_to_encode_to_its_blobs_without_a_pass(monkeypatch):
+    model = [np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(4, dtype=np.int64)]
+    received = Parameters(tensors=[np_save(a) for a in model], tensor_type=codec.FP32)
+    arrays = codec.decode(received)
+
+    def no_pass(_arrays):
+        raise AssertionError("the tensors were encoded again")
+
+    monkeypatch.setattr(npy, "encode_views", no_pass)
+    again = ndarrays_to_parameters(arrays)
+    assert again is not received and all(
+        a is b for a, b in zip(again.tensors, received.tensors, strict=True))
+    assert all(a is b for a, b in zip(codec.decode(again), arrays, strict=True))
+    # Other arrays (not all of them, another order, a copy) are encoded as ever.
+    for other in ([arrays[0]], arrays[::-1], [arrays[0].copy(), arrays[1]]):
+        with pytest.raises(AssertionError, match="encoded again"):
+            ndarrays_to_parameters(other)
+    monkeypatch.undo()
+    assert [np_save(a) for a in arrays[::-1]] == ndarrays_to_parameters(arrays[::-1]).tensors
+
+
 def test_freed_heap_memory_is_kept_up_to_the_threshold_and_handed_back_above_it():
     if limits.free_heap_bytes() is None:
         pytest.skip("this C library has no mallinfo2 (glibc 2.33+): it trims every time")
@@ -168,6 +192,38 @@ def test_freed_heap_memory_is_kept_up_to_the_threshold_and_handed_back_above_it(
     assert limits.free_heap_bytes() >= free - 2**20  # nothing handed back
     assert limits.release_free_memory(keep=2**20) is True
     del blocks
+
+
+MAPPED_CHUNKS = """
+import sys
+from fedphd.common.wire import limits
+info = limits._libc().mallinfo2
+info.restype = limits._MallInfo2
+changed = limits.keep_buffers_for_reuse() if sys.argv[1] == "tune" else None
+before = info().hblks
+buffer = bytearray(4 << 20)  # a link frame
+print(changed, info().hblks - before)
+"""
+
+
+def _mapped_chunks_of_a_frame(mode: str, **env: str) -> tuple[str, int]:
+    clean = {key: value for key, value in os.environ.items()
+             if key not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                            "GLIBC_TUNABLES")}
+    out = subprocess.run([sys.executable, "-c", MAPPED_CHUNKS, mode], env={**clean, **env},
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    changed, chunks = out.split()
+    return changed, int(chunks)
+
+
+def test_a_process_serves_message_buffers_from_its_heap_unless_the_environment_says_otherwise():
+    if limits.free_heap_bytes() is None:
+        pytest.skip("this C library has no mallinfo2 (glibc 2.33+) to count mapped chunks by")
+    # glibc's default: a fresh 4 MiB buffer is a mapping of its own (faulted in anew).
+    assert _mapped_chunks_of_a_frame("default") == ("None", 1)
+    assert _mapped_chunks_of_a_frame("tune") == ("True", 0)
+    # An allocator configured in the environment is left as it is.
+    assert _mapped_chunks_of_a_frame("tune", MALLOC_MMAP_THRESHOLD_="1048576") == ("False", 1)
 
 
 def test_a_clients_state_tensors_are_its_models_own_until_it_is_rebuilt():

@@ -97,6 +97,7 @@ class DecodedMemo:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[Any, str, list[bytes], list[np.ndarray]]] = {}
+        self._by_first_array: dict[int, int] = {}  # id of an entry's first array -> its key
         self._lock = threading.Lock()
 
     def remember(self, parameters: Any, arrays: Sequence[np.ndarray]) -> None:
@@ -110,6 +111,8 @@ class DecodedMemo:
         with self._lock:
             self._entries[key] = (ref, parameters.tensor_type, list(parameters.tensors),
                                   list(arrays))
+            if arrays:
+                self._by_first_array[id(arrays[0])] = key
 
     def recall(self, parameters: Any) -> list[np.ndarray] | None:
         with self._lock:
@@ -124,9 +127,29 @@ class DecodedMemo:
             return None
         return list(arrays)
 
+    def blobs_of(self, arrays: Sequence[np.ndarray]) -> list[bytes] | None:
+        """The blobs of a live payload that decodes to exactly ``arrays`` (the same array
+        objects, in order; each a read-only view of its blob): encoding them again would
+        give those bytes, so they are the encoding, without a pass over the tensors."""
+        if not arrays:
+            return None
+        with self._lock:
+            entry = self._entries.get(self._by_first_array.get(id(arrays[0]), -1))
+        if entry is None:
+            return None
+        _ref, tensor_type, blobs, known = entry
+        if (tensor_type != "numpy.ndarray" or len(known) != len(arrays)
+                or any(a is not b for a, b in zip(known, arrays, strict=True))):
+            return None
+        return list(blobs)
+
     def _forget(self, key: int) -> None:
         with self._lock:
-            self._entries.pop(key, None)
+            entry = self._entries.pop(key, None)
+            if entry is not None and entry[3]:
+                first = id(entry[3][0])
+                if self._by_first_array.get(first) == key:
+                    del self._by_first_array[first]
 
 
 DECODED = DecodedMemo()

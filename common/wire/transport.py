@@ -183,7 +183,13 @@ __all__ = [
 
 def ndarrays_to_parameters(arrays: list[np.ndarray]) -> Parameters:
     """Flower's ``ndarrays_to_parameters`` — the same bytes — with each tensor copied once
-    (none where an array is a read-only view of its own blob, e.g. one just decoded)."""
+    (none where an array is a read-only view of its own blob, e.g. one just decoded; not
+    even a pass over the tensors where they are exactly what a live payload decodes to)."""
+    known = npy.DECODED.blobs_of(arrays)
+    if known is not None:
+        parameters = Parameters(tensors=known, tensor_type="numpy.ndarray")
+        npy.DECODED.remember(parameters, arrays)
+        return parameters
     tensors, views = npy.encode_views(arrays)
     parameters = Parameters(tensors=tensors, tensor_type="numpy.ndarray")
     if views:  # decoding it gives ``arrays`` back
