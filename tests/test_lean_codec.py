@@ -219,7 +219,8 @@ def _mapped_chunks_of_a_frame(mode: str, **env: str) -> tuple[str, int]:
 def test_a_process_serves_message_buffers_from_its_heap_unless_the_environment_says_otherwise():
     if limits.free_heap_bytes() is None:
         pytest.skip("this C library has no mallinfo2 (glibc 2.33+) to count mapped chunks by")
-    # glibc's default: a fresh 4 MiB buffer is a mapping of its own (faulted in anew).
+    # glibc's default: a fresh 4 MiB buffer (the size of the 35.75 M U-Net's lone tensors) is
+    # a mapping of its own, faulted in anew.
     assert _mapped_chunks_of_a_frame("default") == ("None", 1)
     assert _mapped_chunks_of_a_frame("tune") == ("True", 0)
     # An allocator configured in the environment is left as it is.

@@ -78,7 +78,7 @@ KEEP_FREE_BYTES = 64 * 2**20
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # Buffers up to this size come from the heap instead of a fresh mmap each time: a link frame
-# (4 MiB), a lone tensor of the 35.75 M U-Net (up to 9.4 MB), the message gRPC hands over.
+# (1 MiB), a lone tensor of the 35.75 M U-Net (up to 9.4 MB), the message gRPC hands over.
 # glibc's ceiling for the setting on 64-bit.
 HEAP_BUFFER_BYTES = 32 * 2**20
 _ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
