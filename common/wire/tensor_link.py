@@ -31,7 +31,6 @@ A plain Flower peer never declares the link and gets its tensors inside Flower's
 
 from __future__ import annotations
 
-import itertools
 import logging
 import secrets
 import threading
@@ -276,13 +275,10 @@ class LinkChannel:
 
     def put(self, ticket: str, tensors: Iterable[bytes], timeout: float | None) -> None:
         """Upload an answer's tensors under its instruction's ticket."""
-        tensors = list(tensors)  # framed again on a retry, as gRPC takes each frame
-
-        def upload(_fetch: Callable, put: Callable) -> None:
-            put(itertools.chain([ticket.encode()], frames(tensors, self.frame_limit)),
-                timeout=timeout)
-
-        self._retried("upload", upload, timeout)
+        # Framed before the call: framing as gRPC takes each frame made the 35.75 M U-Net's
+        # upload slower (its request thread then joins and yields each frame under the GIL).
+        messages = [ticket.encode(), *frames(tensors, self.frame_limit)]
+        self._retried("upload", lambda _, put: put(iter(messages), timeout=timeout), timeout)
 
     def _retried(self, what: str, call: Callable, timeout: float | None):
         """``call`` with the stubs, tried again (like the Flower link) while the server is
