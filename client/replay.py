@@ -29,6 +29,26 @@ def cpu_copy(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
+def cpu_copy_into(value: Any, previous: Any) -> Any:
+    """:func:`cpu_copy` of ``value``, written into ``previous`` (an earlier copy nothing else
+    holds) where it has the same structure: each CPU tensor of the same shape and dtype is
+    overwritten in place instead of allocated anew (a client snapshots its state every cloud
+    round; fresh buffers each time cost page faults as well as the copy)."""
+    if isinstance(value, torch.Tensor):
+        if (isinstance(previous, torch.Tensor) and previous.device.type == "cpu"
+                and previous.shape == value.shape and previous.dtype == value.dtype
+                and previous.is_contiguous() and value.layout == torch.strided):
+            return previous.copy_(value.detach())
+        return cpu_copy(value)
+    if isinstance(value, dict) and isinstance(previous, dict) and value.keys() == previous.keys():
+        return {key: cpu_copy_into(item, previous[key]) for key, item in value.items()}
+    if (isinstance(value, list | tuple) and type(previous) is type(value)
+            and len(previous) == len(value)):
+        return type(value)(cpu_copy_into(item, old)
+                           for item, old in zip(value, previous, strict=True))
+    return cpu_copy(value)
+
+
 @dataclass
 class RoundStart:
     """A client's state when a cloud round began, kept until the next cloud round."""
@@ -54,7 +74,11 @@ class RoundReplay:
         cloud_round = int(config.get(CLOUD_ROUND_KEY, step))
         start, rewind = self.start, None
         if start is None or cloud_round > start.cloud_round:
-            self.start = RoundStart(cloud_round, cpu_copy(state()))
+            # The last cloud round's snapshot is not needed any more: its buffers take the
+            # new one.
+            snapshot = (cpu_copy(state()) if start is None
+                        else cpu_copy_into(state(), start.state))
+            self.start = RoundStart(cloud_round, snapshot)
         elif cloud_round == start.cloud_round and step <= self.last_round:
             log.info("client %d: cloud round %d again (the server resumed): replaying it from "
                      "its start", self.client_id, cloud_round)

@@ -243,3 +243,32 @@ def test_a_clients_state_tensors_are_its_models_own_until_it_is_rebuilt():
     local.rebuild(arch)  # a new model: its own tensors
     assert local.state_tensors is not state
     assert any(float(p.abs().sum()) > 0 for p in local.model.parameters())
+
+
+def test_a_clients_round_snapshot_is_written_into_the_last_ones_buffers():
+    from fedphd.client.replay import RoundReplay
+    from fedphd.common.wire.keys import CLOUD_ROUND_KEY, ROUND_KEY
+
+    live = {"weights": {"w": torch.randn(3, 4), "b": torch.zeros(4)}, "steps": [torch.tensor(2)],
+            "name": "client"}
+    replay = RoundReplay(0)
+    replay.mark({ROUND_KEY: 1, CLOUD_ROUND_KEY: 1}, lambda: live)
+    first = replay.start.state
+    buffer = first["weights"]["w"].data_ptr()
+    live["weights"]["w"].add_(1.0)
+    live["steps"][0].add_(1)
+    replay.mark({ROUND_KEY: 2, CLOUD_ROUND_KEY: 2}, lambda: live)
+    second = replay.start.state
+    assert second["weights"]["w"].data_ptr() == buffer  # no new buffer
+    assert second["weights"]["w"].data_ptr() != live["weights"]["w"].data_ptr()
+    assert torch.equal(second["weights"]["w"], live["weights"]["w"])
+    assert second["steps"][0].item() == 3 and second["name"] == "client"
+    # Round 2 again (the cloud resumed): its start, whatever the model did since.
+    live["weights"]["w"].add_(5.0)
+    rewind = replay.mark({ROUND_KEY: 2, CLOUD_ROUND_KEY: 2}, lambda: live)
+    assert torch.equal(rewind["weights"]["w"], second["weights"]["w"])
+    assert rewind["weights"]["w"].data_ptr() != buffer  # the snapshot stays for another replay
+    # Another architecture: shapes differ, so the snapshot is made anew.
+    live["weights"]["w"] = torch.randn(5)
+    replay.mark({ROUND_KEY: 3, CLOUD_ROUND_KEY: 3}, lambda: live)
+    assert torch.equal(replay.start.state["weights"]["w"], live["weights"]["w"])
