@@ -18,35 +18,27 @@ from fedphd.common.wire.transport import Scalar
 log = logging.getLogger("fedphd.client")
 
 
-def cpu_copy(value: Any) -> Any:
-    """A deep copy with every tensor cloned to the CPU (snapshots do not hold GPU memory)."""
+def cpu_copy(value: Any, into: Any = None) -> Any:
+    """A deep copy with every tensor cloned to the CPU (snapshots do not hold GPU memory).
+
+    ``into``: an earlier copy that nothing else holds; where it has the same structure, each
+    CPU tensor of the same shape and dtype is overwritten in place instead of allocated anew
+    (a client snapshots its state every cloud round; fresh buffers each time cost page faults
+    as well as the copy)."""
     if isinstance(value, torch.Tensor):
+        if (isinstance(into, torch.Tensor) and into.device.type == "cpu"
+                and into.shape == value.shape and into.dtype == value.dtype
+                and value.layout == torch.strided):
+            return into.copy_(value.detach())
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
-        return {key: cpu_copy(item) for key, item in value.items()}
+        same = isinstance(into, dict) and into.keys() == value.keys()
+        return {key: cpu_copy(item, into[key] if same else None) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(cpu_copy(item) for item in value)
+        same = type(into) is type(value) and len(into) == len(value)
+        return type(value)(cpu_copy(item, into[index] if same else None)
+                           for index, item in enumerate(value))
     return copy.deepcopy(value)
-
-
-def cpu_copy_into(value: Any, previous: Any) -> Any:
-    """:func:`cpu_copy` of ``value``, written into ``previous`` (an earlier copy nothing else
-    holds) where it has the same structure: each CPU tensor of the same shape and dtype is
-    overwritten in place instead of allocated anew (a client snapshots its state every cloud
-    round; fresh buffers each time cost page faults as well as the copy)."""
-    if isinstance(value, torch.Tensor):
-        if (isinstance(previous, torch.Tensor) and previous.device.type == "cpu"
-                and previous.shape == value.shape and previous.dtype == value.dtype
-                and previous.is_contiguous() and value.layout == torch.strided):
-            return previous.copy_(value.detach())
-        return cpu_copy(value)
-    if isinstance(value, dict) and isinstance(previous, dict) and value.keys() == previous.keys():
-        return {key: cpu_copy_into(item, previous[key]) for key, item in value.items()}
-    if (isinstance(value, list | tuple) and type(previous) is type(value)
-            and len(previous) == len(value)):
-        return type(value)(cpu_copy_into(item, old)
-                           for item, old in zip(value, previous, strict=True))
-    return cpu_copy(value)
 
 
 @dataclass
@@ -76,9 +68,8 @@ class RoundReplay:
         if start is None or cloud_round > start.cloud_round:
             # The last cloud round's snapshot is not needed any more: its buffers take the
             # new one.
-            snapshot = (cpu_copy(state()) if start is None
-                        else cpu_copy_into(state(), start.state))
-            self.start = RoundStart(cloud_round, snapshot)
+            self.start = RoundStart(cloud_round, cpu_copy(
+                state(), into=None if start is None else start.state))
         elif cloud_round == start.cloud_round and step <= self.last_round:
             log.info("client %d: cloud round %d again (the server resumed): replaying it from "
                      "its start", self.client_id, cloud_round)

@@ -197,19 +197,16 @@ def test_freed_heap_memory_is_kept_up_to_the_threshold_and_handed_back_above_it(
 MAPPED_CHUNKS = """
 import sys
 from fedphd.common.wire import limits
-info = limits._libc().mallinfo2
-info.restype = limits._MallInfo2
 changed = limits.keep_buffers_for_reuse() if sys.argv[1] == "tune" else None
-before = info().hblks
-buffer = bytearray(4 << 20)  # a link frame
-print(changed, info().hblks - before)
+before = limits.heap_info().hblks
+buffer = bytearray(4 << 20)  # the size of the 35.75 M U-Net's largest tensors
+print(changed, limits.heap_info().hblks - before)
 """
 
 
 def _mapped_chunks_of_a_frame(mode: str, **env: str) -> tuple[str, int]:
     clean = {key: value for key, value in os.environ.items()
-             if key not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                            "GLIBC_TUNABLES")}
+             if key not in limits.ALLOCATOR_ENV}
     out = subprocess.run([sys.executable, "-c", MAPPED_CHUNKS, mode], env={**clean, **env},
                          capture_output=True, text=True, timeout=120, check=True).stdout
     changed, chunks = out.split()
@@ -219,8 +216,7 @@ def _mapped_chunks_of_a_frame(mode: str, **env: str) -> tuple[str, int]:
 def test_a_process_serves_message_buffers_from_its_heap_unless_the_environment_says_otherwise():
     if limits.free_heap_bytes() is None:
         pytest.skip("this C library has no mallinfo2 (glibc 2.33+) to count mapped chunks by")
-    # glibc's default: a fresh 4 MiB buffer (the size of the 35.75 M U-Net's lone tensors) is
-    # a mapping of its own, faulted in anew.
+    # glibc's default: a fresh 4 MiB buffer is a mapping of its own, faulted in anew.
     assert _mapped_chunks_of_a_frame("default") == ("None", 1)
     assert _mapped_chunks_of_a_frame("tune") == ("True", 0)
     # An allocator configured in the environment is left as it is.

@@ -276,7 +276,7 @@ class LinkChannel:
     def put(self, ticket: str, tensors: Iterable[bytes], timeout: float | None) -> None:
         """Upload an answer's tensors under its instruction's ticket."""
         # Framed before the call: framing as gRPC takes each frame made the 35.75 M U-Net's
-        # upload slower (its request thread then joins and yields each frame under the GIL).
+        # round slower (1.37-1.43 s against 1.14 s, bench.transport).
         messages = [ticket.encode(), *frames(tensors, self.frame_limit)]
         self._retried("upload", lambda _, put: put(iter(messages), timeout=timeout), timeout)
 
