@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from fedphd.client.local_model import LocalModel
 from fedphd.common.core.models import (
@@ -73,20 +74,47 @@ def test_a_decoded_tensor_sent_on_is_the_received_bytes_not_a_copy():
         np.arange(6, dtype=np.float32))
 
 
+def _reference_digest(model: list[np.ndarray], hasher) -> str:
+    """The digest's definition, spelled out: label then C-order bytes of each tensor."""
+    state = hasher()
+    for array in model:
+        state.update(f"{array.dtype.str}{array.shape}".encode())
+        state.update(np.ascontiguousarray(array).tobytes())
+    return state.hexdigest()
+
+
 def test_a_digest_computed_in_the_background_is_the_digest_and_copies_as_it():
     model = [np.arange(10, dtype=np.float32), np.ones((300, 300), np.float32)]
-    sha = hashlib.sha256()
-    for array in model:
-        sha.update(f"{array.dtype.str}{array.shape}".encode())
-        sha.update(array.tobytes())
+    sha = _reference_digest(model, hashlib.sha256)
+    fast = "xxh3-128:" + _reference_digest(model, xxhash.xxh3_128)
     pending = codec.PendingDigest(model)
-    assert pending.result() == codec.digest(model) == sha.hexdigest()
+    assert pending.result() == codec.digest(model) == sha
+    assert codec.PendingDigest(model, algorithm="xxh3-128").result() == fast
+    # fedphd's receivers report xxh3-128.
     held = HeldModel()
-    assert held.keep_soon(model).result() == sha.hexdigest() == held.digest
+    assert held.keep_soon(model).result() == fast == held.digest
     # A receiver's state is deep-copied (replays) and saved: the digest goes as a string.
-    assert copy.deepcopy(held).__dict__["_digest"] == sha.hexdigest()
-    assert copy.copy(codec.PendingDigest(model)) == sha.hexdigest()  # what pickling writes
-    assert Rebuilt.of(model).digest == sha.hexdigest()
+    assert copy.deepcopy(held).__dict__["_digest"] == fast
+    assert copy.copy(codec.PendingDigest(model)) == sha  # what pickling writes
+    assert Rebuilt.of(model).digest == fast
+
+
+def test_a_sender_checks_a_reported_digest_in_the_algorithm_it_names():
+    model = [np.arange(10, dtype=np.float32), np.ones((30, 30), np.float32)]
+    other = [model[0], model[1] + 1]
+    sent = Rebuilt.of(model)
+    sha, fast = codec.digest(model, "sha256"), codec.digest(model, "xxh3-128")
+    assert codec.digest_algorithm(sha) == "sha256" and codec.digest_algorithm(fast) == "xxh3-128"
+    assert sent.matches(sha) and sent.matches(fast)  # a plain peer, a fedphd receiver
+    assert not sent.matches(codec.digest(other, "sha256"))
+    assert not sent.matches(codec.digest(other, "xxh3-128"))
+    for forged in ("", "xxh3-128:" + sha[:32].upper(), sha[:63], fast[9:], 12, None):
+        assert codec.digest_algorithm(forged) is None and not sent.matches(forged)
+    # What a receiver holds is named, as the base of the next update, as it reported it.
+    assert sent.as_reported(sha).digest == sha and sent.as_reported(fast).digest == fast
+    held = HeldModel()
+    held.keep(model)
+    assert held.holds(fast) and held.holds(sha) and not held.holds(codec.digest(other))
 
 
 def test_many_small_tensors_hash_as_each_fed_in_turn():
@@ -94,12 +122,11 @@ def test_many_small_tensors_hash_as_each_fed_in_turn():
     model = [rng.standard_normal(int(n)).astype(np.float32) for n in rng.integers(0, 900, 300)]
     model[10:10] = [np.ones((600, 600), np.float32), np.asfortranarray(np.ones((40, 30))),
                     np.arange(70_000, dtype=np.int64)]
-    sha = hashlib.sha256()
-    for array in model:
-        sha.update(f"{array.dtype.str}{array.shape}".encode())
-        sha.update(np.ascontiguousarray(array).tobytes())
-    assert codec.digest(model) == sha.hexdigest()
-    assert codec.PendingDigest(model, idle=True).result() == sha.hexdigest()
+    sha = _reference_digest(model, hashlib.sha256)
+    assert codec.digest(model) == sha
+    assert codec.PendingDigest(model, idle=True).result() == sha
+    assert codec.digest(model, "xxh3-128") == "xxh3-128:" + _reference_digest(
+        model, xxhash.xxh3_128)
 
 
 def test_a_snapshot_of_a_held_model_shares_its_arrays():
@@ -121,7 +148,7 @@ def test_a_forwarded_model_keeps_the_digest_it_was_received_with():
     downlink.begin_round({"c1"})
     downlink.encode_for("c1", other, layout, np.random.default_rng(0))
     assert downlink.sent_to("c1").pending_digest is not pending
-    assert downlink.sent_to("c1").digest == pending.result()
+    assert downlink.sent_to("c1").matches(pending.result())  # the same model, hashed anew
 
 
 def test_a_payload_is_decoded_once_while_it_holds_the_same_blobs():

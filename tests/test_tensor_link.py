@@ -153,6 +153,8 @@ def test_a_run_over_the_link_trains_the_model_of_a_run_without_it(tmp_path, port
     for link, (out, records) in runs.items():
         logs = "\n".join(p.read_text() for p in (out / "logs").glob("*.log"))
         assert (logs.count("speaks the tensor link") == 3) == (link == "true"), link
+        # Round 2's instructions (edge, both clients) came over fetches made ahead.
+        assert (logs.count("tensors are fetched ahead") == 3) == (link == "true"), link
         for r in records:
             if r["tier"] == "edge":
                 assert r["bytes"]["edge->client"] == r["reported_by_clients"]["received"]
@@ -194,3 +196,63 @@ def test_a_framed_fetch_and_upload_move_and_meter_exactly_the_blobs():
         assert traffic.up == sum(len(b) for b in blobs) + len(ticket)
     finally:
         small.close()
+
+
+def _waiting(ahead: tensor_link.FetchAhead, seconds: float = 0.3) -> bool:
+    """Whether a fetch ahead is still waiting after ``seconds`` (bounded: one join)."""
+    ahead._thread.join(seconds)
+    return ahead._thread.is_alive()
+
+
+def test_a_fetch_ahead_waits_for_its_instruction_then_gets_exactly_its_tensors(depot):
+    depot.depot.max_waiting = 1
+    blobs = random_payload(np.random.default_rng(7), 9).tensors
+    ticket = depot.depot.reserve("peer", None)
+    assert ticket is not None and depot.depot.reserve("peer", None) == ticket  # one per peer
+    ahead = depot.channel.fetch_ahead(ticket, timeout=10)
+    assert _waiting(ahead)  # nothing offered yet: the server's handler waits
+    with pytest.raises(tensor_link.LinkError, match="no instruction was sent"):
+        depot.channel.put(ticket, [b"early"], timeout=10)  # no answer before an instruction
+    assert depot.depot.offer("peer", blobs, None) == ticket  # the reserved ticket
+    assert ahead.result(10) == blobs
+    with pytest.raises(tensor_link.LinkError, match="already fetched"):
+        depot.channel.fetch(ticket, timeout=10)
+    depot.channel.put(ticket, [b"answer"], timeout=10)
+    assert depot.depot.claim(ticket) == [b"answer"]
+    traffic = depot.meter.take()
+    assert traffic.down == sum(len(b) for b in blobs)
+    # The next instruction gets a ticket of its own.
+    assert depot.depot.offer("peer", blobs, None) != ticket
+
+
+def test_reserved_tickets_are_bounded_released_and_kept_to_their_certificate(depot):
+    depot.depot.max_waiting = 1
+    first = depot.depot.reserve("client 1", None)
+    assert first is not None
+    assert depot.depot.reserve("client 2", None) is None  # as many as the server allows
+    ahead = depot.channel.fetch_ahead(first, timeout=10)
+    assert _waiting(ahead)
+    depot.depot.release("client 1")  # it left: its waiting fetch ends without tensors
+    assert ahead.result(10) is None
+    with pytest.raises(tensor_link.LinkError, match="unknown or expired"):
+        depot.channel.fetch(first, timeout=10)
+    # A reservation is only used for the certificate it was made for, and then dropped.
+    again = depot.depot.reserve("client 1", "AA")
+    other = depot.depot.offer("client 1", [b"x"], "BB")
+    assert other != again
+    with pytest.raises(tensor_link.LinkError, match="unknown or expired"):
+        depot.channel.fetch(again, timeout=10)
+    assert depot.depot.reserve("client 2", None) is not None
+
+
+def test_a_fetch_ahead_that_ends_without_tensors_leaves_a_fetch_on_arrival_working(depot):
+    depot.depot.max_waiting = 1
+    ticket = depot.depot.reserve("peer", None)
+    ahead = depot.channel.fetch_ahead(ticket, timeout=0.5)  # ends before the instruction
+    assert ahead.result(10) is None
+    blobs = random_payload(np.random.default_rng(8), 3).tensors
+    assert depot.depot.offer("peer", blobs, None) == ticket
+    assert depot.channel.fetch(ticket, timeout=10) == blobs
+    cancelled = depot.channel.fetch_ahead(depot.depot.reserve("peer", None), timeout=10)
+    cancelled.cancel()  # another ticket arrived: this instruction will not come
+    assert cancelled.result(10) is None

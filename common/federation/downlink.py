@@ -91,8 +91,9 @@ class Downlink:
             if isinstance(failure, tuple):
                 self._held.pop(failure[0].cid, None)
         for proxy, res in accepted:
-            if res.metrics.get(RECEIVED_DIGEST_KEY) == self._pending[proxy.cid].digest:
-                self._held[proxy.cid] = self._pending[proxy.cid]
+            reported = res.metrics.get(RECEIVED_DIGEST_KEY)
+            if self._pending[proxy.cid].matches(reported):
+                self._held[proxy.cid] = self._pending[proxy.cid].as_reported(str(reported))
 
     def held_models(self) -> dict[str, Rebuilt]:
         """What each connected receiver holds (a copy: the caller keeps it across rounds)."""

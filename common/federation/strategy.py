@@ -346,7 +346,7 @@ class ManagedStrategy(Strategy):
         summary.digests_checked = len(reported)
         summary.digest_mismatches = [
             sender_name(proxy, res) for proxy, res in reported
-            if res.metrics[RECEIVED_DIGEST_KEY] != self._wire.sent_to(proxy.cid).digest
+            if not self._wire.sent_to(proxy.cid).matches(res.metrics[RECEIVED_DIGEST_KEY])
         ]
         if summary.digest_mismatches:
             log.error("round %d: %s rebuilt a model that differs from the one sent",

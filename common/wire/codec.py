@@ -20,6 +20,7 @@ import os
 import threading
 
 import numpy as np
+import xxhash
 
 from fedphd.common.wire import npy
 from fedphd.common.wire.npy import CodecError, load_tensor, npy_bytes, raw_bytes
@@ -163,12 +164,23 @@ def vector_from_bytes(blob: bytes, size: int, what: str) -> np.ndarray:
     return vector
 
 
-def digest(arrays: list[np.ndarray]) -> str:
-    """SHA-256 of a model state (dtypes, shapes and values): equal digests = same model.
+SHA256 = "sha256"
+XXH3_128 = "xxh3-128"
+# What fedphd's own receivers report: xxh3-128 hashes 4.4 MB in 0.16 ms here, SHA-256 in
+# 2.7 ms (with SHA-NI), and three digests a round share two cores with the transfers.
+FAST_DIGEST = XXH3_128
+_PREFIX = {SHA256: "", XXH3_128: "xxh3-128:"}
+_HASHERS = {SHA256: hashlib.sha256, XXH3_128: xxhash.xxh3_128}
 
-    Per tensor ``f"{a.dtype.str}{a.shape}"``, then its C-order bytes; 64 hex digits (what
-    every receiver reports, README "Answers")."""
-    sha = hashlib.sha256()
+
+def digest(arrays: list[np.ndarray], algorithm: str = SHA256) -> str:
+    """A digest of a model state (dtypes, shapes and values): equal digests = same model.
+
+    Per tensor ``f"{a.dtype.str}{a.shape}"``, then its C-order bytes, fed to ``algorithm``:
+    ``sha256`` (64 hex digits, what a plain receiver reports: README "Answers") or
+    ``xxh3-128`` (``"xxh3-128:"`` and 32 hex digits, what fedphd's receivers report). Both
+    detect a model rebuilt wrongly; neither authenticates a peer (a peer reports its own)."""
+    sha = _HASHERS[algorithm]()
     # Small tensors are hashed together (the digest of a concatenation is that of its parts
     # fed in turn): hundreds of short updates would each hold the GIL, which the thread
     # that hashes in the background shares with the round's own work.
@@ -189,7 +201,21 @@ def digest(arrays: list[np.ndarray]) -> str:
             sha.update(b"".join(run))
             run, size = [], 0
     sha.update(b"".join(run))
-    return sha.hexdigest()
+    return _PREFIX[algorithm] + sha.hexdigest()
+
+
+def digest_algorithm(value: object) -> str | None:
+    """The algorithm a reported digest was made with (None: it is not a digest)."""
+    if not isinstance(value, str):
+        return None
+    for algorithm, prefix in _PREFIX.items():
+        if prefix and value.startswith(prefix):
+            return algorithm if _is_hex(value[len(prefix):], 32) else None
+    return SHA256 if _is_hex(value, 64) else None
+
+
+def _is_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
 
 
 _HASHED_ALONE = 1 << 18
@@ -202,7 +228,8 @@ def _label(dtype: str, shape: tuple[int, ...]) -> bytes:
 
 class PendingDigest:
     """:func:`digest` computed in a thread of its own, off the round's critical path
-    (hashlib releases the GIL while it hashes, ~0.09 s per 143 MB here): started when a
+    (hashlib and xxhash release the GIL while they hash; SHA-256 takes ~0.09 s per 143 MB
+    here): started when a
     model is received or sent, read when the answer is built or checked. The arrays must not
     change meanwhile (decoded tensors and kept references never do). A copy or a pickle of
     it is the digest itself.
@@ -213,7 +240,9 @@ class PendingDigest:
     wants: on a busy machine it would otherwise slow the transfers and the receivers' work
     it is meant to stay out of the way of."""
 
-    def __init__(self, arrays: list[np.ndarray], idle: bool = False) -> None:
+    def __init__(self, arrays: list[np.ndarray], idle: bool = False,
+                 algorithm: str = SHA256) -> None:
+        self.algorithm = algorithm
         self._value: str | None = None
         self._thread = threading.Thread(target=self._run, args=(arrays, idle), daemon=True,
                                         name="digest")
@@ -222,7 +251,7 @@ class PendingDigest:
     def _run(self, arrays: list[np.ndarray], idle: bool) -> None:
         if idle:
             _lowest_priority()
-        self._value = digest(arrays)
+        self._value = digest(arrays, self.algorithm)
 
     def result(self) -> str:
         self._thread.join()

@@ -13,6 +13,17 @@ TLS / mutual-TLS credentials and message limit) and
 * ``Put`` streams its answer's tensors back: the ticket first, then the tensors.
   Its Flower answer then carries ``fedphd.tensor-link:<codec>`` and no tensors.
 
+**Fetching ahead.** Each instruction also names the ticket of that peer's *next* one
+(``fedphd.next_tensor_ticket``, :meth:`TensorDepot.reserve`). The receiver dials
+``Fetch(next ticket)`` as soon as it has this instruction's tensors; the server's handler
+waits until it offers the next instruction's tensors under that ticket and streams them at
+once, while the instruction itself is still on its way over Flower's stream. A hop then
+costs one transfer instead of a Flower message, a call set-up and a transfer in turn (on a
+WAN: a round trip less per instruction). A waiting fetch holds one of the server's handler
+threads, so a server reserves at most as many tickets as peers it was sized for
+(``max_waiting``); a peer that leaves loses its reservation, and a fetch ahead that ends
+without tensors (released, timed out, refused) falls back to fetching on arrival.
+
 Both methods use identity serialisers: a tensor is the same ``np.save`` blob Flower would put
 in its message, handed to gRPC as it is. A tensor of 1 MiB or more is a gRPC message of its
 own (no copy); smaller ones travel back to back in frames of up to 1 MiB (:func:`frames`),
@@ -36,7 +47,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -51,6 +62,8 @@ PUT = f"/{SERVICE}/Put"
 # Where the instruction's Parameters name what they would have carried.
 TYPE_PREFIX = "fedphd.tensor-link:"
 TICKET_KEY = "fedphd.tensor_ticket"
+# The ticket of the peer's next instruction, which it may fetch ahead (see TensorDepot).
+NEXT_TICKET_KEY = "fedphd.next_tensor_ticket"
 # What the receiver measured of an instruction that came over the link (its Flower message
 # plus the tensors), set by the receiver's transport for the code that reports it.
 RECEIVED_BYTES_KEY = "fedphd.received_bytes"
@@ -59,6 +72,8 @@ PROPERTY = "fedphd.tensor_link"
 MAX_TENSORS = 100_000  # per upload; the 35.75 M U-Net has 328
 RETRIES = 4  # attempts of a call refused as unavailable, within the instruction's time
 FRAME_BYTES = 1 << 20  # small tensors travel together in gRPC messages of up to this size
+WAIT_POLL_S = 1.0  # how often a fetch ahead checks that its caller is still there
+MAX_AHEAD_S = 3600.0  # the longest a fetch ahead waits for its instruction (then: on arrival)
 ALONE_BYTES = 1 << 20  # a tensor this large is a message of its own (sent without a copy)
 
 
@@ -128,9 +143,10 @@ class _Ticket:
 
     peer: str  # the connection the ticket was issued to, for logs
     fingerprint: str | None  # the certificate that peer joined with (mutual TLS)
-    down: list[bytes]
+    down: list[bytes] | None  # None: reserved for the peer's next instruction
     up: list[bytes] | None = None
     fetched: bool = False
+    offered: threading.Event = field(default_factory=threading.Event)
 
 
 class Meter(Protocol):
@@ -149,20 +165,58 @@ class TensorDepot:
     """
 
     def __init__(self, max_upload: int, meter: Meter,
-                 fingerprint_of: Callable[[grpc.ServicerContext], str | None]) -> None:
+                 fingerprint_of: Callable[[grpc.ServicerContext], str | None],
+                 max_waiting: int = 0) -> None:
         self.max_upload = max_upload
         self.frame_limit = min(FRAME_BYTES, max_upload)
         self._meter = meter
         self._fingerprint_of = fingerprint_of
+        self.max_waiting = max_waiting
         self._tickets: dict[str, _Ticket] = {}
+        self._reserved: dict[str, str] = {}  # peer -> the ticket of its next instruction
         self._lock = threading.Lock()
 
     def offer(self, peer: str, tensors: list[bytes], fingerprint: str | None) -> str:
-        """A ticket for ``peer`` to fetch ``tensors`` with and upload its answer under."""
-        ticket = secrets.token_hex(16)
+        """A ticket for ``peer`` to fetch ``tensors`` with and upload its answer under: the
+        one reserved for its next instruction, if any (a fetch waiting on it starts now)."""
+        stale = None
         with self._lock:
-            self._tickets[ticket] = _Ticket(peer, fingerprint, list(tensors))
+            ticket = self._reserved.pop(peer, None)
+            entry = None if ticket is None else self._tickets.get(ticket)
+            if entry is not None and entry.fingerprint != fingerprint:
+                stale, entry = self._tickets.pop(ticket), None  # reserved for another
+            if entry is None:
+                ticket = secrets.token_hex(16)
+                entry = _Ticket(peer, fingerprint, None)
+                self._tickets[ticket] = entry
+            entry.down = list(tensors)
+        entry.offered.set()
+        if stale is not None:
+            stale.offered.set()  # its waiting fetch ends without tensors
         return ticket
+
+    def reserve(self, peer: str, fingerprint: str | None) -> str | None:
+        """The ticket ``peer``'s next instruction will carry, for it to fetch ahead: its
+        ``Fetch`` waits until that instruction's tensors are offered, so they flow while
+        the instruction itself travels on Flower's stream. None when as many fetches may
+        already wait as the server keeps threads for (the peer then fetches on arrival)."""
+        with self._lock:
+            if peer in self._reserved:
+                return self._reserved[peer]
+            if len(self._reserved) >= self.max_waiting:
+                return None
+            ticket = secrets.token_hex(16)
+            self._tickets[ticket] = _Ticket(peer, fingerprint, None)
+            self._reserved[peer] = ticket
+        return ticket
+
+    def release(self, peer: str) -> None:
+        """Drop ``peer``'s reserved ticket (it left); a fetch waiting on it ends."""
+        with self._lock:
+            ticket = self._reserved.pop(peer, None)
+            entry = None if ticket is None else self._tickets.pop(ticket, None)
+        if entry is not None:
+            entry.offered.set()
 
     def claim(self, ticket: str) -> list[bytes]:
         """The tensors uploaded under ``ticket`` (the answer said they are there)."""
@@ -193,7 +247,11 @@ class TensorDepot:
     def fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         """``Fetch``: the instruction's tensors, in :func:`frames`."""
         self._meter.record_control(len(request))
-        entry = self._entry(request.decode(errors="replace"), context)
+        ticket = request.decode(errors="replace")
+        entry = self._entry(ticket, context)
+        if not self._wait_offered(ticket, entry, context):
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          "no instruction was offered under this ticket while the call lasted")
         with self._lock:
             if entry.fetched:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -204,11 +262,29 @@ class TensorDepot:
             self._meter.record_bytes(down=len(message))
             yield message
 
+    def _wait_offered(self, ticket: str, entry: _Ticket,
+                      context: grpc.ServicerContext) -> bool:
+        """Wait (a fetch ahead) until ``entry``'s tensors are offered, the caller hangs up,
+        its deadline passes or :data:`MAX_AHEAD_S` do; whether they were offered."""
+        give_up = time.monotonic() + MAX_AHEAD_S
+        while not entry.offered.wait(WAIT_POLL_S):
+            remaining = context.time_remaining()
+            if (not context.is_active() or (remaining is not None and remaining <= 0)
+                    or time.monotonic() > give_up):
+                return False
+        if not context.is_active():  # it ended while waiting: a fetch on arrival gets them
+            return False
+        with self._lock:
+            return entry.down is not None and self._tickets.get(ticket) is entry
+
     def put(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         """``Put``: the ticket, then the answer's tensors, in :func:`frames`."""
         ticket = next(requests, b"")
         self._meter.record_bytes(up=len(ticket))
         entry = self._entry(ticket.decode(errors="replace"), context)
+        if entry.down is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "no instruction was sent under this ticket yet")
         if entry.up is not None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "an answer was already uploaded under this ticket")
@@ -273,6 +349,11 @@ class LinkChannel:
             blob for message in fetch(ticket.encode(), timeout=timeout)
             for blob in split_frame(message)], timeout)
 
+    def fetch_ahead(self, ticket: str, timeout: float | None) -> FetchAhead:
+        """Start fetching the tensors of the instruction that will carry ``ticket`` (the
+        server's :meth:`TensorDepot.reserve`), in a thread of its own."""
+        return FetchAhead(self, ticket, timeout)
+
     def put(self, ticket: str, tensors: Iterable[bytes], timeout: float | None) -> None:
         """Upload an answer's tensors under its instruction's ticket."""
         # Framed before the call: framing as gRPC takes each frame made the 35.75 M U-Net's
@@ -310,3 +391,53 @@ class LinkChannel:
             if self._channel is not None:
                 self._channel.close()
                 self._channel = None
+
+
+class FetchAhead:
+    """A fetch of an instruction's tensors started before the instruction arrived: the
+    server's handler waits until it offers them and then streams them while the
+    instruction travels on Flower's stream; received and split in this object's thread."""
+
+    def __init__(self, channel: LinkChannel, ticket: str, timeout: float | None) -> None:
+        self.ticket = ticket
+        self._channel = channel
+        self._timeout = timeout
+        self._call = None
+        self._cancelled = False
+        self._blobs: list[bytes] | None = None
+        self._error: LinkError | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="fetch-ahead")
+        self._thread.start()
+
+    def _run(self) -> None:
+        fetch, _ = self._channel._stubs()
+        try:
+            with self._lock:
+                if self._cancelled:
+                    return
+                self._call = fetch(self.ticket.encode(), timeout=self._timeout)
+            self._blobs = [blob for message in self._call for blob in split_frame(message)]
+        except grpc.RpcError as error:
+            self._error = LinkError(f"tensor-link fetch at {self._channel.address} failed: "
+                                    f"{error.code().name}: {error.details()}")
+
+    def result(self, timeout: float | None) -> list[bytes] | None:
+        """The tensors; None when the fetch ahead did not get them (the call ended before
+        the server offered any, or failed): a fetch on arrival then gets them, or says why
+        it cannot."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.cancel()
+            raise LinkError(f"tensor-link fetch at {self._channel.address} did not finish "
+                            f"within {timeout} s")
+        if self._error is not None:
+            return None
+        return self._blobs
+
+    def cancel(self) -> None:
+        """End the fetch (its instruction will not come: another ticket arrived)."""
+        with self._lock:
+            self._cancelled = True
+            if self._call is not None:
+                self._call.cancel()

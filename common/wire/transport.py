@@ -505,7 +505,11 @@ class _PeerProxy(GrpcClientProxy):
         fingerprint = None if self.certificate is None else self.certificate.fingerprint
         ticket = self.depot.offer(self.cid, ins.parameters.tensors, fingerprint)
         parameters = Parameters([], tensor_link.link_type(ins.parameters.tensor_type))
-        return ticket, type(ins)(parameters, {**ins.config, tensor_link.TICKET_KEY: ticket})
+        config = {**ins.config, tensor_link.TICKET_KEY: ticket}
+        next_ticket = self.depot.reserve(self.cid, fingerprint)
+        if next_ticket is not None:
+            config[tensor_link.NEXT_TICKET_KEY] = next_ticket
+        return ticket, type(ins)(parameters, config)
 
     def _fit_over_link(self, ins: FitIns, timeout: float | None) -> FitRes:
         ticket, linked = self._offer(ins)
@@ -550,6 +554,9 @@ class _IdentifyingServicer(FlowerServiceServicer):
             if proxy.refusal is None:
                 raise
             context.abort(grpc.StatusCode.PERMISSION_DENIED, proxy.refusal)
+        finally:
+            if self.depot is not None:  # its fetch ahead, if one waits, ends
+                self.depot.release(proxy.cid)
 
 
 def _stream(bridge: GrpcBridge, request_iterator: Iterator[ClientMessage],
@@ -673,7 +680,8 @@ def start_flower_server(
         )
     else:
         if tensor_link_enabled:
-            depot = tensor_link.TensorDepot(max_message_length, meter, _call_fingerprint)
+            depot = tensor_link.TensorDepot(max_message_length, meter, _call_fingerprint,
+                                            max_waiting=peers)
         servicer = _IdentifyingServicer(client_manager, meter, admission, depot)
     if certificates is not None and admission is not None and admission.certified:
         server = _mutual_tls_server(servicer, address, max_message_length, certificates,
@@ -704,9 +712,10 @@ KEEPALIVE_TIME_MS = 210_000  # Flower's: some clouds drop TCP connections idle f
 
 def concurrent_rpcs(peers: int) -> int:
     """RPCs (and handler threads) a server allows at once: each connected peer's Flower stream
-    holds one for as long as it is connected, and a tensor-link transfer takes another, so
-    Flower's fixed 1,000 would refuse every transfer of an edge with 1,000 clients."""
-    return max(MAX_CONCURRENT_WORKERS, 2 * peers + 64)
+    holds one for as long as it is connected, its fetch ahead on the tensor link another
+    while it waits for the next instruction, and a transfer a third, so Flower's fixed 1,000
+    would refuse every transfer of an edge with 1,000 clients."""
+    return max(MAX_CONCURRENT_WORKERS, 3 * peers + 64)
 
 
 def _mutual_tls_server(servicer: FlowerServiceServicer, address: str, max_message_length: int,
@@ -943,6 +952,8 @@ class _LinkedClient(Client):
         self.client = client
         self.channel = channel
         self.max_message_length = max_message_length
+        self._ahead: tensor_link.FetchAhead | None = None
+        self._fetched_ahead_once = False
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
         res = self.client.get_properties(ins)
@@ -987,6 +998,22 @@ class _LinkedClient(Client):
             raise _GiveUp(message_too_large(self.channel.address, self.max_message_length,
                                             str(error))) from None
 
+    def _fetched_ahead(self, ticket: str) -> list[bytes] | None:
+        """The tensors fetched ahead under ``ticket``; None where none were (a fetch ahead
+        under another ticket is ended: that instruction will not come)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead.ticket != ticket:
+            ahead.cancel()
+            return None
+        tensors = ahead.result(LINK_TIMEOUT)
+        if tensors is not None and not self._fetched_ahead_once:
+            self._fetched_ahead_once = True
+            log.info("tensor link to %s: each next instruction's tensors are fetched ahead, "
+                     "while the instruction travels", self.channel.address)
+        return tensors
+
     def _fetch(self, ins: FitIns | EvaluateIns) -> tuple[str, FitIns | EvaluateIns]:
         """The ticket, and the instruction with its tensors fetched from the link."""
         ticket = ins.config.get(tensor_link.TICKET_KEY)
@@ -996,9 +1023,14 @@ class _LinkedClient(Client):
         # Measured as the server metered it: the Flower message with the ticket in it.
         message_size = _instruction("fit_ins" if isinstance(ins, FitIns) else "evaluate_ins",
                                     ins)[1]
-        tensors = self._over_limit_ends_session(self.channel.fetch, ticket)
+        tensors = self._fetched_ahead(ticket)
+        if tensors is None:
+            tensors = self._over_limit_ends_session(self.channel.fetch, ticket)
+        next_ticket = ins.config.get(tensor_link.NEXT_TICKET_KEY)
+        if isinstance(next_ticket, str):
+            self._ahead = self.channel.fetch_ahead(next_ticket, LINK_TIMEOUT)
         config = {key: value for key, value in ins.config.items()
-                  if key != tensor_link.TICKET_KEY}
+                  if key not in (tensor_link.TICKET_KEY, tensor_link.NEXT_TICKET_KEY)}
         config[tensor_link.RECEIVED_BYTES_KEY] = message_size + sum(len(t) for t in tensors)
         parameters = Parameters(tensors, tensor_link.carried_type(ins.parameters.tensor_type))
         return ticket, type(ins)(parameters, config)
