@@ -127,6 +127,10 @@ def test_many_small_tensors_hash_as_each_fed_in_turn():
     assert codec.PendingDigest(model, idle=True).result() == sha
     assert codec.digest(model, "xxh3-128") == "xxh3-128:" + _reference_digest(
         model, xxhash.xxh3_128)
+    # A model over codec.INLINE_BYTES is hashed in a thread, to the same digest.
+    large = [*model, np.ones(codec.INLINE_BYTES // 4 + 1, np.float32)]
+    assert codec.PendingDigest(large, algorithm="xxh3-128").result() == (
+        "xxh3-128:" + _reference_digest(large, xxhash.xxh3_128))
 
 
 def test_a_snapshot_of_a_held_model_shares_its_arrays():
