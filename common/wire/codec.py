@@ -242,17 +242,16 @@ def _label(dtype: str, shape: tuple[int, ...]) -> bytes:
 
 # A fast digest of a model up to this size is computed at once: xxh3-128 takes ~0.5 ms for
 # the tiny U-Net's 4.4 MB in 182 tensors here, less than starting a thread and waiting for
-# it costs on a busy machine (0.3-1.2 ms, traced); larger models are hashed beside the round.
+# it costs on a busy machine (0.3-0.9 ms, traced); larger models are hashed beside the round.
 INLINE_BYTES = 16 << 20
 
 
 class PendingDigest:
     """:func:`digest` computed in a thread of its own, off the round's critical path
     (hashlib and xxhash release the GIL while they hash; SHA-256 takes ~0.09 s per 143 MB
-    here): started when a
-    model is received or sent, read when the answer is built or checked. The arrays must not
-    change meanwhile (decoded tensors and kept references never do). A copy or a pickle of
-    it is the digest itself.
+    here): started when a model is received or sent, read when the answer is built or
+    checked. The arrays must not change meanwhile (decoded tensors and kept references never
+    do). A copy or a pickle of it is the digest itself.
 
     ``idle``: a digest read only much later (a sender's, when the answers come back; an
     edge's of the global model, when it answers) is hashed at the lowest CPU priority

@@ -115,6 +115,11 @@ def split_frame(message: bytes) -> list[bytes]:
     return [message[start:end] for start, end in zip(starts, ends, strict=True)]
 
 
+def received_blobs(messages: Iterable[bytes]) -> list[bytes]:
+    """The blobs of a fetch's messages, in order (each split with :func:`split_frame`)."""
+    return [blob for message in messages for blob in split_frame(message)]
+
+
 def on_link(tensor_type: str) -> bool:
     """Whether a payload's tensors travel on the link (its Parameters carry none)."""
     return tensor_type.startswith(TYPE_PREFIX)
@@ -345,9 +350,8 @@ class LinkChannel:
 
     def fetch(self, ticket: str, timeout: float | None) -> list[bytes]:
         """The tensors of the instruction that carried ``ticket``."""
-        return self._retried("fetch", lambda fetch, _: [
-            blob for message in fetch(ticket.encode(), timeout=timeout)
-            for blob in split_frame(message)], timeout)
+        return self._retried("fetch", lambda fetch, _: received_blobs(
+            fetch(ticket.encode(), timeout=timeout)), timeout)
 
     def fetch_ahead(self, ticket: str, timeout: float | None) -> FetchAhead:
         """Start fetching the tensors of the instruction that will carry ``ticket`` (the
@@ -404,8 +408,7 @@ class FetchAhead:
         self._timeout = timeout
         self._call = None
         self._cancelled = False
-        self._blobs: list[bytes] | None = None
-        self._error: LinkError | None = None
+        self._blobs: list[bytes] | None = None  # stays None if the call fails
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True, name="fetch-ahead")
         self._thread.start()
@@ -417,10 +420,9 @@ class FetchAhead:
                 if self._cancelled:
                     return
                 self._call = fetch(self.ticket.encode(), timeout=self._timeout)
-            self._blobs = [blob for message in self._call for blob in split_frame(message)]
-        except grpc.RpcError as error:
-            self._error = LinkError(f"tensor-link fetch at {self._channel.address} failed: "
-                                    f"{error.code().name}: {error.details()}")
+            self._blobs = received_blobs(self._call)
+        except grpc.RpcError:
+            return  # a fetch on arrival gets the tensors, or says why it cannot
 
     def result(self, timeout: float | None) -> list[bytes] | None:
         """The tensors; None when the fetch ahead did not get them (the call ended before
@@ -431,8 +433,6 @@ class FetchAhead:
             self.cancel()
             raise LinkError(f"tensor-link fetch at {self._channel.address} did not finish "
                             f"within {timeout} s")
-        if self._error is not None:
-            return None
         return self._blobs
 
     def cancel(self) -> None:
